@@ -1,0 +1,1 @@
+"""One module per `minikv` command: add_arguments(parser) and main(args)."""
