@@ -6,7 +6,7 @@ fused, and assigned to a model built on the meta device, so no weight is allocat
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -14,6 +14,7 @@ from torch import Tensor
 
 from minikv.config import ModelConfig
 from minikv.errors import MinikvError
+from minikv.gguf_file import GGUFFile
 from minikv.model import Transformer
 
 _LAYER_NAMES = {
@@ -30,7 +31,7 @@ _FUSED = {  # our fused tensor -> the HF tensors concatenated into it, in order
 }
 
 
-def from_hf_state(cfg: ModelConfig, get: "callable[[str], Tensor | None]") -> Iterator[tuple[str, Tensor]]:
+def from_hf_state(cfg: ModelConfig, get: Callable[[str], Tensor | None]) -> Iterator[tuple[str, Tensor]]:
     """Yield (our name, tensor) from a getter of HF-named tensors (None when absent)."""
 
     def need(name: str) -> Tensor:
@@ -100,8 +101,7 @@ def safetensors_files(folder: Path) -> list[Path]:
 def load_folder(folder: Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                 progress: bool = False) -> Transformer:
     """Load a Hugging Face-style folder: config.json plus (sharded) safetensors."""
-    from safetensors import SafetensorsError, safe_open
-    from tqdm import tqdm
+    from safetensors import SafetensorError, safe_open
 
     cfg = ModelConfig.from_file(folder / "config.json")
     handles = {}
@@ -112,17 +112,30 @@ def load_folder(folder: Path, device: str | torch.device = "cpu", dtype: torch.d
             h = safe_open(str(f), framework="pt")
             for key in h.keys():
                 handles[key] = h
-    except SafetensorsError as e:
+    except SafetensorError as e:
         raise MinikvError(f"corrupt or truncated safetensors in {folder}: {e}") from None
 
     def get(name: str) -> Tensor | None:
         h = handles.get(name)
         try:
             return None if h is None else h.get_tensor(name)
-        except SafetensorsError as e:
+        except SafetensorError as e:
             raise MinikvError(f"corrupt tensor {name} in {folder}: {e}") from None
 
-    tensors = from_hf_state(cfg, get)
-    n = 4 + cfg.n_layers * (len(_LAYER_NAMES) + 2 * len(_FUSED))
-    bar = tqdm(tensors, total=n, desc="loading weights", unit="tensor", disable=not progress, leave=False)
+    return _load(cfg, get, device, dtype, progress)
+
+
+def load_gguf(gguf: GGUFFile, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+              progress: bool = False) -> Transformer:
+    """Load a GGUF file's model, dequantizing one tensor at a time (peak memory: the model plus one tensor)."""
+    return _load(gguf.config(), gguf.tensor, device, dtype, progress)
+
+
+def _load(cfg: ModelConfig, get: Callable[[str], Tensor | None], device: str | torch.device,
+          dtype: torch.dtype, progress: bool) -> Transformer:
+    from tqdm import tqdm
+
+    n = 2 + (not cfg.tie_embeddings) + cfg.n_layers * (4 + len(_FUSED))  # biases not counted
+    bar = tqdm(from_hf_state(cfg, get), total=n, desc="loading weights", unit="tensor", disable=not progress,
+               leave=False)
     return build_model(cfg, bar, device, dtype)
