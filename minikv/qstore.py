@@ -1,0 +1,416 @@
+"""The quantized KV store: full-precision sinks and recent window, packed low-bit history.
+
+Layout, per layer l (B sequences, H KV heads, head dim D, G = settings.group, W = window,
+C = history capacity in tokens, a multiple of G). The Triton kernels read these directly.
+
+  sink_k[l], sink_v[l]  (B, H, n_sink, D) model dtype  positions 0 .. n_sink-1
+  win_k[l], win_v[l]    (B, H, R, D) model dtype       ring, R = W + G: the token at position p
+                                                       sits in slot (p - n_sink) % R
+  hist_k[l]             (B, H, C, D*bk/8) uint8        codes packed along D (minikv.quant.pack);
+  hist_v[l]             (B, H, C, D*bv/8) uint8        with bits 16: (B, H, C, D) model dtype, raw
+  k_scale[l], k_zero[l] fp16; key_axis "channel": (B, H, C/G, D), per channel per G-token block;
+                              key_axis "token":   (B, H, C, D/gk), gk consecutive channels
+  v_scale[l], v_zero[l] fp16 (B, H, C, D/gv)
+  dequantized value = code * scale + zero (empty (0,) tensors where bits are 16)
+
+History slot i holds the token at position hist_pos0 + i, hist_pos0 = n_sink. With n tokens
+held, the history holds n_hist(n) = G * max(0, (n - n_sink - W) // G) tokens and the ring the
+other n - n_sink - n_hist(n) (W .. W+G-1 once full): a block of G tokens moves to the history
+as soon as the ring holds W + G. Every layer and sequence follows this same schedule.
+
+Stored space. History keys are k_s = perm(H_k(unrope_p(k))), each step optional: unrope
+(prerope) undoes RoPE at the token's position p; H_k (rotate_k) is `k @ Hd` with Hd the
+normalized Walsh-Hadamard matrix (symmetric, Hd @ Hd = I); perm (reorder) gathers channels,
+k_s[..., j] = k[..., perm[l][h, j]]. Values: v_s = v @ Hd (rotate_v). So the attention-space
+key of history slot i is RoPE_p(unperm(k_s) @ Hd) with p = hist_pos0 + i; with post-RoPE keys
+that folds into the query, q·k = perm(q @ Hd)·k_s, and values fold into the output,
+o = (Σ_s prob_s v_s) @ Hd. Reorder and key rotation are exclusive.
+
+MiKV (settings.mikv = (hi_bits, hi_fraction)): of every G-token block moved to the history,
+the n_hi = round(hi_fraction * G) tokens with the most attention mass also get per-token
+hi_bits codes that override their low-bit rows (the low-bit codes stay, and are counted):
+  hi_k[l] (B, H, C/G*n_hi, D*hb/8) uint8, hk_scale[l], hk_zero[l] (B, H, C/G*n_hi, D/gk) fp16
+  hi_v[l], hv_scale[l], hv_zero[l] likewise with gv
+  hi_idx[l] (B, H, C/G*n_hi) int32: the history slot each row overrides
+  win_mass[l] (B, H, R) fp32: attention mass of the ring's tokens, summed over the new queries
+  and over the query heads sharing the KV head, while the token sits in the ring.
+
+Capacity policy: the store holds `capacity` positions and C = G * ((capacity - n_sink - W) // G),
+enough that the history never overflows; `room()` is what is left of `capacity` and appending
+past it raises ContextFull (the caller decides what to drop), so nothing is evicted or
+silently overwritten.
+
+On the CPU the store also keeps a position-indexed mirror `view_k/view_v` (B, H, capacity, D)
+of what attention sees (sinks and window exact, history dequantized once when it is written),
+so the reference attention is one masked SDPA call; it is a compute aid, not counted in nbytes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from minikv.model import apply_rope
+from minikv.quant import (dequantize_channels, dequantize_tokens, hadamard, packed_width, quantize_channels,
+                          quantize_tokens)
+from minikv.store import KVStore, causal_mask, reference_attention
+
+if TYPE_CHECKING:
+    from minikv.presets import KVSettings
+
+# Every buffer of the layout above: what nbytes() counts.
+BUFFERS = ("sink_k", "sink_v", "win_k", "win_v", "hist_k", "hist_v", "k_scale", "k_zero", "v_scale", "v_zero",
+           "hi_k", "hi_v", "hk_scale", "hk_zero", "hv_scale", "hv_zero", "hi_idx", "win_mass")
+
+
+@dataclass
+class LayerPlan:
+    """What one layer's history uses, once presets, calibration and the bit budget are resolved."""
+
+    bits_k: int
+    bits_v: int
+    clip_k: float = 1.0
+    clip_v: float = 1.0
+    perm: Tensor | None = None  # (H, D) key channel permutation
+
+
+def attention_with_mass(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """reference_attention that also returns each key's attention mass (B, Hkv, S), summed over
+    the queries and the query heads of its group (query head i reads KV head i // group)."""
+    B, Hq, T, D = q.shape
+    H = k.shape[1]
+    qg = q.float().view(B, H, Hq // H, T, D)
+    scores = qg @ k.float()[:, :, None].transpose(-1, -2) * D ** -0.5  # (B, H, g, T, S)
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
+    probs = scores.softmax(-1)
+    out = (probs @ v.float()[:, :, None]).view(B, Hq, T, D).to(q.dtype)
+    return out, probs.sum((2, 3))
+
+
+class QuantizedStore(KVStore):
+    derived = ("rope_cos", "rope_sin", "hadamard", "perms", "inv_perms", "view_k", "view_v")
+
+    def __init__(self, n_layers: int, batch: int, capacity: int, n_kv_heads: int, head_dim: int,
+                 window: int | None, dtype: torch.dtype, device: torch.device | str, *, settings: KVSettings,
+                 plans: list[LayerPlan], rope: tuple[Tensor, Tensor], mirror: bool | None = None) -> None:
+        """rope: the model's (cos, sin) tables covering `capacity` positions (minikv.model.rope_tables).
+        mirror: keep the dequantized CPU mirror (default: on the CPU only)."""
+        super().__init__(n_layers, batch, capacity, n_kv_heads, head_dim, window, dtype, device)
+        s = self.settings = settings
+        self.plans = plans
+        self.static = False  # attention shapes follow the length and blocks move inside attend: no CUDA graph
+        self.n_sink, self.window, self.group = s.n_sink, s.window, s.group
+        self.ring = s.window + s.group
+        self.hist_pos0 = s.n_sink
+        self.hist_capacity = max(0, (capacity - s.n_sink - s.window) // s.group) * s.group
+        self.rope_cos, self.rope_sin = (t[:capacity].to(self.device) for t in rope)
+        self.hadamard = hadamard(head_dim, self.device) if s.rotate_k or s.rotate_v else None
+        self.hi_bits = s.mikv[0] if s.mikv else 0
+        self.n_hi = round(s.mikv[1] * s.group) if s.mikv else 0
+        self.perms = [None if p.perm is None else p.perm.to(self.device) for p in plans]
+        self.inv_perms = [None if p is None else p.argsort(-1) for p in self.perms]
+        for name in BUFFERS:
+            setattr(self, name, [])
+        for plan in plans:
+            self._allocate(plan)
+        mirror = self.device.type == "cpu" if mirror is None else mirror
+        shape = (batch, n_kv_heads, capacity, head_dim)
+        self.view_k = [self._zeros(shape, dtype) for _ in plans] if mirror else []
+        self.view_v = [self._zeros(shape, dtype) for _ in plans] if mirror else []
+
+    # ---- allocation and sizes ---------------------------------------------------------------
+
+    def _zeros(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        return torch.zeros(shape, dtype=dtype, device=self.device)
+
+    def _allocate(self, plan: LayerPlan) -> None:
+        B, H, D, C, G, s = self.batch, self.n_kv_heads, self.head_dim, self.hist_capacity, self.group, self.settings
+        none = self._zeros((0,), torch.float16)
+
+        def codes(n: int, bits: int) -> Tensor:
+            if bits == 16:
+                return self._zeros((B, H, n, D), self.dtype)
+            return self._zeros((B, H, n, packed_width(D, bits)), torch.uint8)
+
+        def meta(shape: tuple[int, ...], bits: int) -> Tensor:
+            return none if bits == 16 else self._zeros(shape, torch.float16)
+
+        k_meta = (B, H, C // G, D) if s.key_axis == "channel" else (B, H, C, D // s.group_k)
+        for name, t in (("sink_k", (B, H, self.n_sink, D)), ("sink_v", (B, H, self.n_sink, D)),
+                        ("win_k", (B, H, self.ring, D)), ("win_v", (B, H, self.ring, D))):
+            getattr(self, name).append(self._zeros(t, self.dtype))
+        self.hist_k.append(codes(C, plan.bits_k))
+        self.hist_v.append(codes(C, plan.bits_v))
+        for name in ("k_scale", "k_zero"):
+            getattr(self, name).append(meta(k_meta, plan.bits_k))
+        for name in ("v_scale", "v_zero"):
+            getattr(self, name).append(meta((B, H, C, D // s.group_v), plan.bits_v))
+        n_hi = C // G * self.n_hi
+        hk, hv = self._hi(plan.bits_k), self._hi(plan.bits_v)
+        self.hi_k.append(codes(n_hi, self.hi_bits) if hk else none)
+        self.hi_v.append(codes(n_hi, self.hi_bits) if hv else none)
+        for name in ("hk_scale", "hk_zero"):
+            getattr(self, name).append(self._zeros((B, H, n_hi, D // s.group_k), torch.float16) if hk else none)
+        for name in ("hv_scale", "hv_zero"):
+            getattr(self, name).append(self._zeros((B, H, n_hi, D // s.group_v), torch.float16) if hv else none)
+        self.hi_idx.append(self._zeros((B, H, n_hi), torch.int32) if hk or hv else none)
+        self.win_mass.append(self._zeros((B, H, self.ring), torch.float32) if self.n_hi else none)
+
+    def _hi(self, bits: int) -> bool:
+        """Whether a tensor of this width gets MiKV's high-precision rows."""
+        return self.n_hi > 0 and bits < self.hi_bits
+
+    def used_part(self, name: str, t: Tensor) -> Tensor:
+        """Saved sessions keep only the filled part of the history buffers."""
+        if t.dim() < 3:
+            return t
+        n = self.n_hist(self.length)
+        if name in ("hist_k", "hist_v", "v_scale", "v_zero") or name in ("k_scale", "k_zero") and \
+                self.settings.key_axis == "token":
+            return t[:, :, :n]
+        if name in ("k_scale", "k_zero"):
+            return t[:, :, :n // self.group]
+        if name.startswith(("hi_", "hk_", "hv_")) and t.dim() >= 3:
+            return t[:, :, :n // self.group * self.n_hi]
+        return t
+
+    def restored(self) -> None:
+        """Rebuild the CPU mirror from loaded buffers."""
+        for layer in range(len(self.view_k)):
+            n = self.length
+            self.view_k[layer][:, :, :n], self.view_v[layer][:, :, :n] = self._held(layer, n)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for name in BUFFERS for t in getattr(self, name))
+
+    def n_hist(self, n: int) -> int:
+        """History tokens when n tokens are held (the schedule in the module docstring)."""
+        return max(0, (n - self.n_sink - self.window) // self.group) * self.group
+
+    def _element_bits(self, bits: int, group: int) -> float:
+        """Marginal bits per element of one history tensor: codes + fp16 scale and zero."""
+        if bits == 16:
+            return torch.finfo(self.dtype).bits
+        return bits + 32 / group
+
+    def bits_per_element(self) -> float:
+        """Bits one more history token costs per stored element (K and V, all layers averaged):
+        codes, scales and zero-points, and MiKV's share of high-precision rows and their index."""
+        s, D = self.settings, self.head_dim
+        k_group = s.group if s.key_axis == "channel" else s.group_k
+        total = 0.0
+        share = self.n_hi / s.group  # of history tokens that also have high-precision rows
+        for plan in self.plans:
+            for bits, group, hi_group in ((plan.bits_k, k_group, s.group_k), (plan.bits_v, s.group_v, s.group_v)):
+                total += self._element_bits(bits, group)
+                if self._hi(bits):
+                    total += share * self._element_bits(self.hi_bits, hi_group)
+            if self._hi(plan.bits_k) or self._hi(plan.bits_v):
+                total += share * 32 / D  # hi_idx, one int32 per row shared by K and V
+        return total / (2 * len(self.plans))
+
+    def avg_bits_per_element(self, n_tokens: int) -> float:
+        """Bits per element over n_tokens held: sinks and window at the model dtype, history as above."""
+        h = self.n_hist(n_tokens)
+        full = torch.finfo(self.dtype).bits
+        return (full * (n_tokens - h) + self.bits_per_element() * h) / max(n_tokens, 1)
+
+    # ---- stored space <-> attention space ----------------------------------------------------
+
+    def _key_to_stored(self, layer: int, k: Tensor, pos: Tensor) -> Tensor:
+        x = k.float()
+        if self.settings.prerope:
+            x = apply_rope(x, self.rope_cos[pos], -self.rope_sin[pos])  # the inverse rotation
+        if self.settings.rotate_k:
+            x = x @ self.hadamard
+        if self.perms[layer] is not None:
+            x = x.gather(-1, self.perms[layer][None, :, None].expand_as(x))
+        return x
+
+    def _key_from_stored(self, layer: int, x: Tensor, pos: Tensor) -> Tensor:
+        if self.inv_perms[layer] is not None:
+            x = x.gather(-1, self.inv_perms[layer][None, :, None].expand_as(x))
+        if self.settings.rotate_k:
+            x = x @ self.hadamard
+        if self.settings.prerope:
+            x = apply_rope(x, self.rope_cos[pos], self.rope_sin[pos])
+        return x.to(self.dtype)
+
+    def _value_rotate(self, v: Tensor) -> Tensor:
+        """v -> v @ Hd with rotate_v (its own inverse), else v; fp32."""
+        return v.float() @ self.hadamard if self.settings.rotate_v else v.float()
+
+    # ---- history: quantize and dequantize ---------------------------------------------------
+
+    def _write(self, layer: int, kind: str, x: Tensor, a: int, b: int, clip: float) -> None:
+        """Quantize stored-space rows x for history slots [a, b)."""
+        bits = self.plans[layer].bits_k if kind == "k" else self.plans[layer].bits_v
+        hist = (self.hist_k if kind == "k" else self.hist_v)[layer]
+        if bits == 16:
+            hist[:, :, a:b] = x.to(self.dtype)
+            return
+        scale, zero = (self.k_scale, self.k_zero) if kind == "k" else (self.v_scale, self.v_zero)
+        if kind == "k" and self.settings.key_axis == "channel":
+            G = self.group
+            hist[:, :, a:b], scale[layer][:, :, a // G:b // G], zero[layer][:, :, a // G:b // G] = \
+                quantize_channels(x, bits, G, clip)
+        else:
+            group = self.settings.group_k if kind == "k" else self.settings.group_v
+            hist[:, :, a:b], scale[layer][:, :, a:b], zero[layer][:, :, a:b] = quantize_tokens(x, bits, group, clip)
+
+    def _write_important(self, layer: int, ks: Tensor, vs: Tensor, a: int, b: int, mass: Tensor) -> None:
+        """MiKV: the n_hi heaviest tokens of each G-block also get hi_bits per-token codes."""
+        G, n_hi, s = self.group, self.n_hi, self.settings
+        top = mass.unflatten(-1, ((b - a) // G, G)).topk(n_hi, dim=-1).indices  # (B, H, blocks, n_hi)
+        local = (top + torch.arange(0, b - a, G, device=self.device)[:, None]).flatten(-2)  # (B, H, n)
+        j0, j1 = a // G * n_hi, b // G * n_hi
+        self.hi_idx[layer][:, :, j0:j1] = (local + a).to(torch.int32)
+        idx = local[..., None].expand(-1, -1, -1, self.head_dim)
+        for x, bits, codes, scale, zero, group in (
+                (ks, self.plans[layer].bits_k, self.hi_k, self.hk_scale, self.hk_zero, s.group_k),
+                (vs, self.plans[layer].bits_v, self.hi_v, self.hv_scale, self.hv_zero, s.group_v)):
+            if self._hi(bits):
+                codes[layer][:, :, j0:j1], scale[layer][:, :, j0:j1], zero[layer][:, :, j0:j1] = \
+                    quantize_tokens(x.gather(2, idx), self.hi_bits, group)
+
+    def _read(self, layer: int, kind: str, a: int, b: int) -> Tensor:
+        """Dequantized stored-space rows of history slots [a, b) (multiples of G), fp32."""
+        bits = self.plans[layer].bits_k if kind == "k" else self.plans[layer].bits_v
+        hist = (self.hist_k if kind == "k" else self.hist_v)[layer][:, :, a:b]
+        D, G, s = self.head_dim, self.group, self.settings
+        if a == b:
+            return self._zeros((self.batch, self.n_kv_heads, 0, D), torch.float32)
+        if bits == 16:
+            return hist.float()
+        if kind == "k" and s.key_axis == "channel":
+            x = dequantize_channels(hist, self.k_scale[layer][:, :, a // G:b // G],
+                                    self.k_zero[layer][:, :, a // G:b // G], bits, D)
+        else:
+            scale, zero = (self.k_scale, self.k_zero) if kind == "k" else (self.v_scale, self.v_zero)
+            x = dequantize_tokens(hist, scale[layer][:, :, a:b], zero[layer][:, :, a:b], bits, D)
+        if self._hi(bits):
+            j0, j1 = a // G * self.n_hi, b // G * self.n_hi
+            codes, scale, zero = ((self.hi_k, self.hk_scale, self.hk_zero) if kind == "k"
+                                  else (self.hi_v, self.hv_scale, self.hv_zero))
+            rows = dequantize_tokens(codes[layer][:, :, j0:j1], scale[layer][:, :, j0:j1],
+                                     zero[layer][:, :, j0:j1], self.hi_bits, D)
+            idx = (self.hi_idx[layer][:, :, j0:j1].long() - a)[..., None].expand(-1, -1, -1, D)
+            x = x.scatter(2, idx, rows)
+        return x
+
+    def _history(self, layer: int, a: int, b: int) -> tuple[Tensor, Tensor]:
+        """Attention-space keys and values of history slots [a, b), in the model dtype."""
+        pos = torch.arange(self.hist_pos0 + a, self.hist_pos0 + b, device=self.device)
+        k = self._key_from_stored(layer, self._read(layer, "k", a, b), pos)
+        return k, self._value_rotate(self._read(layer, "v", a, b)).to(self.dtype)
+
+    def dequantized_history(self, layer: int, raw: bool = False) -> tuple[Tensor, Tensor]:
+        """The history held now, (B, H, n_hist, D) keys and values: in attention space (post-RoPE,
+        unrotated, unpermuted; what attention sees), or with raw=True in stored space (fp32)."""
+        n = self.n_hist(self.length)
+        if raw:
+            return self._read(layer, "k", 0, n), self._read(layer, "v", 0, n)
+        if self.view_k:
+            lo = self.hist_pos0
+            return self.view_k[layer][:, :, lo:lo + n], self.view_v[layer][:, :, lo:lo + n]
+        return self._history(layer, 0, n)
+
+    def _flush(self, layer: int, k: Tensor, v: Tensor, a: int, b: int, mass: Tensor | None) -> None:
+        """Move full-precision tokens k, v (B, H, b-a, D) into history slots [a, b)."""
+        fast = self._kernels(layer, k)
+        if fast is not None:  # one fused quantize-and-pack launch
+            fast.flush(self, layer, k, v, a, b)
+            return
+        plan = self.plans[layer]
+        pos = torch.arange(self.hist_pos0 + a, self.hist_pos0 + b, device=self.device)
+        ks, vs = self._key_to_stored(layer, k, pos), self._value_rotate(v)
+        self._write(layer, "k", ks, a, b, plan.clip_k)
+        self._write(layer, "v", vs, a, b, plan.clip_v)
+        if mass is not None and (self._hi(plan.bits_k) or self._hi(plan.bits_v)):
+            self._write_important(layer, ks, vs, a, b, mass)
+        if self.view_k:
+            lo = self.hist_pos0
+            self.view_k[layer][:, :, lo + a:lo + b], self.view_v[layer][:, :, lo + a:lo + b] = \
+                self._history(layer, a, b)
+
+    # ---- the seam --------------------------------------------------------------------------
+
+    def _held(self, layer: int, n: int) -> tuple[Tensor, Tensor]:
+        """Keys and values at positions 0 .. n-1, attention space, from the layout's buffers."""
+        h = self.n_hist(n)
+        w0 = self.hist_pos0 + h
+        slots = (torch.arange(w0, max(n, w0), device=self.device) - self.n_sink) % self.ring
+        hk, hv = self._history(layer, 0, h)
+        n_sink = min(n, self.n_sink)
+        keys = torch.cat([self.sink_k[layer][:, :, :n_sink], hk, self.win_k[layer][:, :, slots]], 2)
+        return keys, torch.cat([self.sink_v[layer][:, :, :n_sink], hv, self.win_v[layer][:, :, slots]], 2)
+
+    def _visible(self, layer: int, k: Tensor, v: Tensor, start: int) -> tuple[Tensor, Tensor]:
+        """Keys and values at positions 0 .. start+T-1 as the new queries see them (attention space)."""
+        end = start + k.shape[2]
+        if self.view_k:
+            self.view_k[layer][:, :, start:end], self.view_v[layer][:, :, start:end] = k, v
+            return self.view_k[layer][:, :, :end], self.view_v[layer][:, :, :end]
+        keys, values = self._held(layer, start)
+        return torch.cat([keys, k], 2), torch.cat([values, v], 2)
+
+    def _kernels(self, layer: int, x: Tensor):
+        """kernels.store_attention where the Triton kernels cover this layer on x's device, else None."""
+        if not x.is_cuda or self.view_k:
+            return None
+        from kernels import store_attention  # Triton: imported on CUDA only
+
+        return store_attention if store_attention.supported(self, layer) else None
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
+        start, T = self.lengths[0], k.shape[2]
+        if self.lengths.count(start) != self.batch:
+            raise ValueError("the sequences of a quantized store advance together")
+        fast = self._kernels(layer, q)
+        if fast is not None:  # Triton on CUDA (kernels/): the same attention, read from the packed store
+            out = fast.attend(self, layer, q, k, v, start)
+            self._append(layer, k, v, start, None)
+            return out
+        keys, values = self._visible(layer, k, v, start)
+        single = T == 1 and self.sliding_window is None
+        mask = None if single else causal_mask(positions, torch.arange(start + T, device=self.device),
+                                               self.sliding_window)
+        mass = None
+        if self.n_hi:
+            out, mass = attention_with_mass(q, keys, values, mask)
+            w0 = self.hist_pos0 + self.n_hist(start)
+            if start > w0:
+                slots = (torch.arange(w0, start, device=self.device) - self.n_sink) % self.ring
+                self.win_mass[layer].index_add_(2, slots, mass[:, :, w0:start])
+            mass = mass[:, :, start:]
+        else:
+            out = reference_attention(q, keys, values, mask)
+        self._append(layer, k, v, start, mass)
+        return out
+
+    def _append(self, layer: int, k: Tensor, v: Tensor, start: int, mass: Tensor | None) -> None:
+        """Place new tokens at positions start.. : sinks, then the ring, flushing full blocks."""
+        S, end = self.n_sink, start + k.shape[2]
+        if start < S:
+            n = min(S, end) - start
+            self.sink_k[layer][:, :, start:start + n], self.sink_v[layer][:, :, start:start + n] = \
+                k[:, :, :n], v[:, :, :n]
+        a, b = self.n_hist(start), self.n_hist(end)
+        if b > a:  # positions S+a .. S+b-1 leave the ring (or skip it) for the history
+            lo, hi = S + a, S + b
+            slots = (torch.arange(lo, max(lo, min(hi, start)), device=self.device) - S) % self.ring
+            new = slice(max(lo, start) - start, max(hi, start) - start)
+            kb = torch.cat([self.win_k[layer][:, :, slots], k[:, :, new]], 2)
+            vb = torch.cat([self.win_v[layer][:, :, slots], v[:, :, new]], 2)
+            mb = None if mass is None else torch.cat([self.win_mass[layer][:, :, slots], mass[:, :, new]], 2)
+            self._flush(layer, kb, vb, a, b, mb)
+        p0 = max(start, S + b)
+        if end > p0:
+            slots = (torch.arange(p0, end, device=self.device) - S) % self.ring
+            self.win_k[layer].index_copy_(2, slots, k[:, :, p0 - start:])
+            self.win_v[layer].index_copy_(2, slots, v[:, :, p0 - start:])
+            if mass is not None:
+                self.win_mass[layer].index_copy_(2, slots, mass[:, :, p0 - start:])
