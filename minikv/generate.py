@@ -100,9 +100,11 @@ class Engine:
         """Sample up to params.max_tokens ids, starting from the logits after the prompt.
 
         Stops at an end-of-sequence id (not yielded) or when the store is full; sets stats.stop_reason."""
-        gen = None
-        if params.seed is not None:
-            gen = torch.Generator(device=self.device).manual_seed(params.seed)
+        gen = torch.Generator(device=self.device)
+        if params.seed is None:
+            gen.seed()  # a fresh seed, as llama.cpp: the global generator would repeat each run's output
+        else:
+            gen.manual_seed(params.seed)
         eos = set(self.tokenizer.eos_ids)
         self.stats.stop_reason = "length"
         t0 = time.perf_counter()

@@ -15,3 +15,19 @@ def default_model_dir() -> Path:
     if not (path / "model.safetensors").exists():
         pytest.fail(f"default model missing at {path}: run `make weights`")
     return path
+
+
+@pytest.fixture(scope="session")
+def cached_load():
+    """minikv.loader.load memoised for the whole test session: each model is read once."""
+    from minikv import loader
+
+    real, cache = loader.load, {}
+
+    def load(path=None, device="cpu", dtype=None, progress=True):
+        key = (str(path), str(device), dtype)
+        if key not in cache:
+            cache[key] = real(path, device, dtype, progress=False)
+        return cache[key]
+
+    return load
