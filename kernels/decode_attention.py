@@ -1,0 +1,333 @@
+"""Attention over the packed store, read in place: decode (one query token per sequence,
+flash-decoding) and, through the same kernel, prefill chunks (kernels.prefill_attention).
+
+Each program takes one (sequence, KV head) and one split of the history, with ALL query heads of
+the KV group at once, so every packed byte is read from memory once and unpacked once (GQA).
+Codes are dequantized in registers; pre-RoPE keys get RoPE there too. Split 0 also covers the
+sinks and the last split the window ring (and a prefill chunk's own tokens). Partial (max, sum,
+acc) per split are merged by a second small kernel, or written directly when there is one split.
+Lengths live on the device, so a launch is valid for any fill level and can be captured in a
+CUDA graph. Its plain-PyTorch twin is kernels.reference.decode_attention.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from kernels.dequant import dequant_channels, dequant_tokens, rope_halves
+from kernels.layout import History, PreRope, Spec
+from kernels.reference import window_valid
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _qk(q_lo, q_hi, k_lo, k_hi, PREC: tl.constexpr):
+    """Scores (GP, N) of queries and keys given as halves (N, D/2)."""
+    dt = q_lo.dtype
+    s = tl.dot(q_lo, tl.trans(k_lo.to(dt)), input_precision=PREC)
+    return s + tl.dot(q_hi, tl.trans(k_hi.to(dt)), input_precision=PREC)
+
+
+@triton.jit
+def _softmax_step(s, ok, m_i, l_i):
+    """Online softmax over a tile with visibility `ok` (broadcast to the scores): probabilities
+    (log2 domain), the rescale of what came before, the new max and sum."""
+    s = tl.where(ok, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet: keep exp2 finite
+    alpha = tl.exp2(m_i - m_ref)
+    p = tl.exp2(s - m_ref[:, None])
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def _full_tile(k_ptr, v_ptr, rows, ok, D: tl.constexpr):
+    """Keys as halves and values of full-precision rows (sinks, window)."""
+    dh = tl.arange(0, D // 2)
+    k_lo = tl.load(k_ptr + rows[:, None] * D + dh[None, :], mask=ok[:, None], other=0.0)
+    k_hi = tl.load(k_ptr + rows[:, None] * D + D // 2 + dh[None, :], mask=ok[:, None], other=0.0)
+    v = tl.load(v_ptr + rows[:, None] * D + tl.arange(0, D)[None, :], mask=ok[:, None], other=0.0)
+    return k_lo, k_hi, v
+
+
+@triton.jit
+def _load_q(q_ptr, qrow, head_ok, qk_scale, D: tl.constexpr):
+    """Query halves (M, D/2), pre-scaled into the log2 domain."""
+    rows = q_ptr + qrow[:, None] * D + tl.arange(0, D // 2)[None, :]
+    dt = q_ptr.dtype.element_ty
+    q_lo = (tl.load(rows, mask=head_ok[:, None], other=0.0).to(tl.float32) * qk_scale).to(dt)
+    q_hi = (tl.load(rows + D // 2, mask=head_ok[:, None], other=0.0).to(tl.float32) * qk_scale).to(dt)
+    return q_lo, q_hi
+
+
+@triton.jit
+def _history_keys(hk_ptr, ks_ptr, kz_ptr, kmat_ptr, cos_ptr, sin_ptr, tok, ok, meta_row, base, ci, si, hk,
+                  K_BITS: tl.constexpr, K_PER_CHANNEL: tl.constexpr, K_GROUP: tl.constexpr, K_NG: tl.constexpr,
+                  ROPE: tl.constexpr, KMAT: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+                  NBLK: tl.constexpr, PREC: tl.constexpr):
+    """Dequantized history keys of one tile as halves (N, D/2), in attention space."""
+    KB: tl.constexpr = D * K_BITS // 8
+    rows = hk_ptr + tok * KB
+    if KMAT:  # stored space -> pre-RoPE attention space through a per-head matrix, then RoPE
+        if K_PER_CHANNEL:
+            k = dequant_channels(rows, ok, meta_row, ks_ptr, kz_ptr, K_BITS, 0, D, NBLK, BLOCK_N, D)
+        else:
+            k = dequant_tokens(rows, tok * (D // K_GROUP), ok, ks_ptr, kz_ptr, K_BITS, 0, D, K_GROUP,
+                               D // K_GROUP, BLOCK_N, D)
+        m = kmat_ptr + hk * D * D + tl.arange(0, D)[:, None] * D + tl.arange(0, D // 2)[None, :]
+        k_lo = tl.dot(k, tl.load(m).to(tl.float32), input_precision=PREC)
+        k_hi = tl.dot(k, tl.load(m + D // 2).to(tl.float32), input_precision=PREC)
+    elif K_PER_CHANNEL:
+        k_lo = dequant_channels(rows, ok, meta_row, ks_ptr, kz_ptr, K_BITS, 0, D // 2, NBLK, BLOCK_N, D)
+        k_hi = dequant_channels(rows, ok, meta_row, ks_ptr, kz_ptr, K_BITS, D // 2, D // 2, NBLK, BLOCK_N, D)
+    else:
+        meta = tok * (D // K_GROUP)
+        k_lo = dequant_tokens(rows, meta, ok, ks_ptr, kz_ptr, K_BITS, 0, D // 2, K_GROUP, K_NG, BLOCK_N, D)
+        k_hi = dequant_tokens(rows, meta, ok, ks_ptr, kz_ptr, K_BITS, D // 2, D // 2, K_GROUP, K_NG, BLOCK_N, D)
+    if ROPE:
+        k_lo, k_hi = rope_halves(k_lo, k_hi, cos_ptr, sin_ptr, base, ci, si, D)
+    return k_lo, k_hi
+
+
+@triton.jit
+def _attention_kernel(
+    q_ptr, qh_ptr, kn_ptr, vn_ptr, sk_ptr, sv_ptr, len_ptr,
+    hk_ptr, hv_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, nh_ptr,
+    wk_ptr, wv_ptr,
+    cos_ptr, sin_ptr, pos0_ptr, kmat_ptr,
+    o_ptr, oh_ptr, m_ptr, l_ptr,
+    qk_scale, Hkv, T, n_sink, R, C_h, n_pos,
+    GROUP: tl.constexpr, GP: tl.constexpr, BM: tl.constexpr, D: tl.constexpr, SINK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLITS: tl.constexpr, NBLK: tl.constexpr,
+    K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_PER_CHANNEL: tl.constexpr, G: tl.constexpr,
+    K_GROUP: tl.constexpr, K_NG: tl.constexpr, V_GROUP: tl.constexpr, V_NG: tl.constexpr,
+    ROPE: tl.constexpr, KMAT: tl.constexpr, SPLIT_V: tl.constexpr, DIRECT: tl.constexpr, CHUNK: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """Program (sequence x KV head, query block, split). Its M = GP * BM rows are the GP query heads
+    of the KV group times BM query tokens, so every key and value tile is loaded once for them all."""
+    M: tl.constexpr = GP * BM
+    bh = tl.program_id(0)
+    qb = tl.program_id(1)
+    split = tl.program_id(2)
+    b = bh // Hkv
+    r = tl.arange(0, M)
+    head = r // BM
+    tq = qb * BM + r % BM  # query token within the chunk
+    row_ok = (head < GROUP) & (tq < T)
+    qrow = (bh * GROUP + head) * T + tq  # flat (sequence, query head, token)
+    dt = q_ptr.dtype.element_ty
+    q_lo, q_hi = _load_q(q_ptr, qrow, row_ok, qk_scale, D)
+    length = tl.load(len_ptr + b)
+    n_hist = tl.load(nh_ptr + b)
+
+    m_i = tl.full((M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((M,), tl.float32)
+    acc = tl.zeros((M, D), tl.float32)  # everything but the history when SPLIT_V
+    acc_h = tl.zeros((M, D), tl.float32)  # history values kept in their stored (rotated) space
+
+    if SINK_P > 0:
+        if split == 0:
+            rows = tl.arange(0, SINK_P)
+            ok = (rows < n_sink) & (rows < length)
+            k_lo, k_hi, v = _full_tile(sk_ptr + bh * n_sink * D, sv_ptr + bh * n_sink * D, rows, ok, D)
+            p, alpha, m_i, l_i = _softmax_step(_qk(q_lo, q_hi, k_lo, k_hi, PREC), ok[None, :], m_i, l_i)
+            acc = acc * alpha[:, None] + tl.dot(p.to(dt), v.to(dt), input_precision=PREC)
+
+    # History: this split's share of the tiles the sequence holds.
+    qh_lo, qh_hi = _load_q(qh_ptr, qrow, row_ok, qk_scale, D)
+    n_tiles = tl.cdiv(n_hist, BLOCK_N)
+    per_split = tl.cdiv(n_tiles, SPLITS)
+    t_end = tl.minimum(split * per_split + per_split, n_tiles)
+    VB: tl.constexpr = D * V_BITS // 8
+    pos0 = 0
+    ci = tl.zeros((BLOCK_N, D // 2), tl.float32)
+    si = tl.zeros((BLOCK_N, D // 2), tl.float32)
+    if ROPE:  # tables of the in-tile offsets; each tile adds its base angle
+        pos0 = tl.load(pos0_ptr + b)
+        offs = tl.arange(0, BLOCK_N)[:, None] * D + tl.arange(0, D // 2)[None, :]
+        in_table = tl.arange(0, BLOCK_N)[:, None] < n_pos
+        ci = tl.load(cos_ptr + offs, mask=in_table, other=0.0).to(tl.float32)
+        si = tl.load(sin_ptr + offs, mask=in_table, other=0.0).to(tl.float32)
+    for t in range(split * per_split, t_end):
+        rows = t * BLOCK_N + tl.arange(0, BLOCK_N)
+        ok = rows < n_hist
+        tok = bh * C_h + rows
+        meta_row = (bh * (C_h // G) + t * BLOCK_N // G) * D
+        k_lo, k_hi = _history_keys(hk_ptr, ks_ptr, kz_ptr, kmat_ptr, cos_ptr, sin_ptr, tok, ok, meta_row,
+                                   pos0 + t * BLOCK_N, ci, si, bh % Hkv, K_BITS, K_PER_CHANNEL, K_GROUP, K_NG, ROPE,
+                                   KMAT, BLOCK_N, D, NBLK, PREC)
+        v = dequant_tokens(hv_ptr + tok * VB, tok * (D // V_GROUP), ok, vs_ptr, vz_ptr, V_BITS, 0, D, V_GROUP,
+                           V_NG, BLOCK_N, D)
+        p, alpha, m_i, l_i = _softmax_step(_qk(qh_lo, qh_hi, k_lo, k_hi, PREC), ok[None, :], m_i, l_i)
+        pv = tl.dot(p.to(dt), v.to(dt), input_precision=PREC)
+        if SPLIT_V:
+            acc = acc * alpha[:, None]
+            acc_h = acc_h * alpha[:, None] + pv
+        else:
+            acc = acc * alpha[:, None] + pv
+
+    if split == SPLITS - 1:
+        # The ring: positions n_sink + n_hist .. length-1, slot (pos - n_sink) % R.
+        n_win = length - n_sink - n_hist
+        first = n_hist % R
+        for w0 in range(0, R, BLOCK_W):
+            rows = w0 + tl.arange(0, BLOCK_W)
+            ok = (rows < R) & ((rows - first + R) % R < n_win)
+            k_lo, k_hi, v = _full_tile(wk_ptr + bh * R * D, wv_ptr + bh * R * D, rows, ok, D)
+            p, alpha, m_i, l_i = _softmax_step(_qk(q_lo, q_hi, k_lo, k_hi, PREC), ok[None, :], m_i, l_i)
+            acc = acc * alpha[:, None] + tl.dot(p.to(dt), v.to(dt), input_precision=PREC)
+            acc_h = acc_h * alpha[:, None]
+        if CHUNK:  # the chunk's own tokens, causally
+            for j0 in range(0, tl.minimum(T, qb * BM + BM), BLOCK_W):
+                rows = j0 + tl.arange(0, BLOCK_W)
+                ok = rows < T
+                k_lo, k_hi, v = _full_tile(kn_ptr + bh * T * D, vn_ptr + bh * T * D, rows, ok, D)
+                vis = ok[None, :] & (rows[None, :] <= tq[:, None])
+                p, alpha, m_i, l_i = _softmax_step(_qk(q_lo, q_hi, k_lo, k_hi, PREC), vis, m_i, l_i)
+                acc = acc * alpha[:, None] + tl.dot(p.to(dt), v.to(dt), input_precision=PREC)
+                acc_h = acc_h * alpha[:, None]
+
+    dd = tl.arange(0, D)
+    if DIRECT:
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(o_ptr + qrow[:, None] * D + dd[None, :], out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
+    else:
+        part = (qrow * SPLITS + split)[:, None] * D + dd[None, :]
+        tl.store(o_ptr + part, acc, mask=row_ok[:, None])
+        if SPLIT_V:
+            tl.store(oh_ptr + part, acc_h, mask=row_ok[:, None])
+    tl.store(m_ptr + qrow * SPLITS + split, m_i, mask=row_ok)
+    tl.store(l_ptr + qrow * SPLITS + split, l_i, mask=row_ok)
+
+
+@triton.jit
+def _combine_kernel(part_ptr, part_h_ptr, vmat_ptr, m_ptr, l_ptr, o_ptr, lse_ptr, SPLITS: tl.constexpr,
+                    SPLITS_P: tl.constexpr, D: tl.constexpr, SPLIT_V: tl.constexpr, CHUNK: tl.constexpr):
+    """Merge the splits of one query row (sequence, head, token); with SPLIT_V the history part of the output
+    is mapped back from stored space by the matrix vmat (D, D). Leaves the log2-sum-exp for MiKV."""
+    h = tl.program_id(0)
+    sp = tl.arange(0, SPLITS_P)
+    sp_ok = sp < SPLITS
+    m = tl.load(m_ptr + h * SPLITS + sp, mask=sp_ok, other=float("-inf"))
+    l = tl.load(l_ptr + h * SPLITS + sp, mask=sp_ok, other=0.0)
+    m_max = tl.max(m, 0)
+    m_ref = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.exp2(m - m_ref)
+    total = tl.sum(l * w, 0)
+    dd = tl.arange(0, D)
+    rows = (h * SPLITS + sp)[:, None] * D
+    acc = tl.load(part_ptr + rows + dd[None, :], mask=sp_ok[:, None], other=0.0)
+    out = tl.sum(acc * w[:, None], 0)
+    if SPLIT_V:
+        for c0 in range(0, D, CHUNK):
+            cc = c0 + tl.arange(0, CHUNK)
+            acc_h = tl.load(part_h_ptr + rows + cc[None, :], mask=sp_ok[:, None], other=0.0)
+            x = tl.sum(acc_h * w[:, None], 0)
+            mat = tl.load(vmat_ptr + cc[:, None] * D + dd[None, :]).to(tl.float32)
+            out += tl.sum(x[:, None] * mat, 0)
+    out = out / tl.where(total > 0, total, 1.0)
+    tl.store(o_ptr + h * D + dd, out.to(o_ptr.dtype.element_ty))
+    tl.store(lse_ptr + h, m_ref + tl.log2(total))
+
+
+@functools.cache
+def _multiprocessors() -> int:
+    return torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 8
+
+
+def num_splits(batch: int, n_kv_heads: int, n_tokens: int, block_n: int, min_tiles: int = 4) -> int:
+    """Splits enough for about four programs per multiprocessor but not more (a few programs
+    spilling into a second wave cost 20 % on an H100), none with fewer than `min_tiles` tiles."""
+    by_occupancy = 4 * _multiprocessors() // (batch * n_kv_heads)
+    by_work = triton.cdiv(triton.cdiv(n_tokens, block_n), min_tiles)
+    return max(1, min(by_occupancy, by_work, 256))
+
+
+def attention(q: Tensor, k_new: Tensor | None, v_new: Tensor | None, sink_k: Tensor, sink_v: Tensor,
+              lengths: Tensor, hist: History, spec: Spec, n_hist: Tensor, win_k: Tensor, win_v: Tensor, *,
+              q_hist: Tensor | None, rope: PreRope | None, key_matrix: Tensor | None, value_matrix: Tensor | None,
+              scale: float | None, mass: Tensor | None, splits: int, block_m: int, block_n: int, block_w: int,
+              num_warps: int, num_stages: int | None = None) -> Tensor:
+    """Launch for q (B, Hq, T, D): decode (T = 1, no k_new) or a prefill chunk (k_new, v_new (B, Hkv, T, D))."""
+    B, Hq, T, D = q.shape
+    Hkv, n_sink, R, C_h = sink_k.shape[1], sink_k.shape[2], win_k.shape[2], hist.k.shape[2]
+    group = Hq // Hkv
+    q_hist = q if q_hist is None else q_hist
+    chunk = k_new is not None
+    k_new, v_new = (k_new, v_new) if chunk else (q, q)  # placeholders for decode
+    if not all(t.is_contiguous() for t in (q, q_hist, k_new, v_new, sink_k, sink_v, *hist, win_k, win_v)):
+        raise ValueError("the attention kernels need contiguous tensors")
+    if key_matrix is not None and rope is None:
+        raise ValueError("without pre-RoPE keys, fold the key matrix into q_hist")
+    split_v = value_matrix is not None
+    direct = splits == 1 and not split_v
+    qk_scale = (scale or 1 / math.sqrt(D)) * LOG2E
+    f32 = dict(device=q.device, dtype=torch.float32)
+    out = torch.empty_like(q)
+    part = out if direct else torch.empty(B, Hq, T, splits, D, **f32)
+    part_h = torch.empty(B, Hq, T, splits, D, **f32) if split_v else part
+    m = torch.empty(B, Hq, T, splits, **f32)
+    l = torch.empty(B, Hq, T, splits, **f32)
+    cos, sin, pos0 = rope if rope is not None else (q, q, lengths)  # placeholders when ROPE is off
+    gp = triton.next_power_of_2(group)
+    bm = max(block_m, 16 // gp) if chunk else 1
+    _attention_kernel[(B * Hkv, triton.cdiv(T, bm), splits)](
+        q, q_hist, k_new, v_new, sink_k, sink_v, lengths, *hist, n_hist, win_k, win_v, cos, sin, pos0,
+        q if key_matrix is None else key_matrix, part, part_h, m, l,
+        qk_scale, Hkv, T, n_sink, R, C_h, cos.shape[0],
+        GROUP=group, GP=gp if chunk else max(16, gp), BM=bm, D=D,
+        SINK_P=0 if n_sink == 0 else max(16, triton.next_power_of_2(n_sink)),
+        BLOCK_N=block_n, BLOCK_W=block_w, SPLITS=splits, NBLK=max(1, block_n // spec.block),
+        K_BITS=spec.k_bits, V_BITS=spec.v_bits, K_PER_CHANNEL=spec.k_per_channel, G=spec.block,
+        K_GROUP=spec.k_group, K_NG=max(1, D // 2 // spec.k_group), V_GROUP=spec.v_group, V_NG=D // spec.v_group,
+        ROPE=rope is not None, KMAT=key_matrix is not None, SPLIT_V=split_v, DIRECT=direct, CHUNK=chunk,
+        PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps,
+        **({} if num_stages is None else dict(num_stages=num_stages)),
+    )
+    if direct:
+        lse = m[..., 0] + torch.log2(l[..., 0]) if mass is not None else None
+    else:
+        lse = torch.empty(B, Hq, T, **f32)
+        _combine_kernel[(B * Hq * T,)](part, part_h, q if value_matrix is None else value_matrix, m, l, out, lse,
+                                       SPLITS=splits, SPLITS_P=triton.next_power_of_2(splits), D=D,
+                                       SPLIT_V=split_v, CHUNK=min(D, 32), num_warps=4)
+    if mass is not None:
+        _add_window_mass(q, win_k, lengths, n_hist, n_sink, lse, qk_scale, mass)
+    return out
+
+
+def decode_attention(q: Tensor, sink_k: Tensor, sink_v: Tensor, lengths: Tensor, hist: History, spec: Spec,
+                     n_hist: Tensor, win_k: Tensor, win_v: Tensor, *, q_hist: Tensor | None = None,
+                     rope: PreRope | None = None, key_matrix: Tensor | None = None,
+                     value_matrix: Tensor | None = None, scale: float | None = None, mass: Tensor | None = None,
+                     splits: int | None = None, n_tokens_hint: int | None = None, block_n: int = 128,
+                     block_w: int = 64, num_warps: int = 4, num_stages: int | None = None) -> Tensor:
+    """Same arguments and result as kernels.reference.decode_attention, plus launch settings:
+    `splits` (default: from `n_tokens_hint`, the longest history to expect, else the capacity)."""
+    B, Hq, D = q.shape
+    if splits is None:
+        hint = hist.k.shape[2] if n_tokens_hint is None else n_tokens_hint
+        splits = num_splits(B, sink_k.shape[1], hint, block_n)
+    return attention(q[:, :, None], None, None, sink_k, sink_v, lengths, hist, spec, n_hist, win_k, win_v,
+                     q_hist=None if q_hist is None else q_hist[:, :, None], rope=rope, key_matrix=key_matrix,
+                     value_matrix=value_matrix, scale=scale, mass=mass, splits=splits, block_m=1, block_n=block_n,
+                     block_w=block_w, num_warps=num_warps, num_stages=num_stages)[:, :, 0]
+
+
+def _add_window_mass(q: Tensor, win_k: Tensor, lengths: Tensor, n_hist: Tensor, n_sink: int, lse: Tensor,
+                     qk_scale: float, mass: Tensor) -> None:
+    """MiKV: add each window slot's probability, summed over the queries and the query heads of its
+    group, to `mass`. The window is small, so recomputing its scores beats keeping all of them."""
+    B, Hq, T, D = q.shape
+    Hkv = win_k.shape[1]
+    s = q.float().view(B, Hkv, Hq // Hkv, T, D) @ win_k.float()[:, :, None].mT * qk_scale
+    valid = window_valid(lengths, n_hist, n_sink, win_k.shape[2])
+    p = torch.exp2(s - lse.view(B, Hkv, -1, T, 1)).masked_fill(~valid[:, None, None, None], 0.0)
+    mass += p.sum((2, 3))

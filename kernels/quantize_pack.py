@@ -1,0 +1,158 @@
+"""Quantize-and-pack: move blocks of G tokens (e.g. the ring's oldest) into the packed history.
+
+One launch per layer; each program takes one (sequence, KV head, block) and does, in registers:
+optional inverse RoPE (pre-RoPE keys) and per-head key matrix / value matrix (rotation and channel
+reorder into stored space), clipped min/max, fp16 scale and zero, codes, bit packing, stores.
+Codes follow minikv.quant exactly (scale and zero rounded to fp16 before the codes are chosen,
+round half to even), so the twin kernels.reference.quantize_block is bit-identical without the
+optional matrices. Layout: kernels.layout.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from kernels.layout import History, PreRope, Spec
+
+FP16_MAX = tl.constexpr(65504.0)  # a constexpr, so kernels may read it
+
+
+@triton.jit
+def _round_half_even(y):
+    r = tl.floor(y + 0.5)
+    odd = (r - 2.0 * tl.floor(r * 0.5)) == 1.0
+    return tl.where(((r - y) == 0.5) & odd, r - 1.0, r)
+
+
+@triton.jit
+def _codes(x, lo, hi, BITS: tl.constexpr, clip):
+    """Codes (as fp32) and fp16 scale, zero of x against its range [lo, hi] (broadcastable)."""
+    if clip < 1.0:
+        mid = (hi + lo) / 2
+        half = (hi - lo) / 2 * clip
+        lo = mid - half
+        hi = mid + half
+    QMAX: tl.constexpr = (1 << BITS) - 1
+    scale = tl.minimum((hi - lo) / QMAX, FP16_MAX).to(tl.float16)
+    zero = lo.to(tl.float16)
+    s = scale.to(tl.float32)
+    c = _round_half_even(tl.math.div_rn(x - zero.to(tl.float32), tl.where(s > 0, s, 1.0)))
+    c = tl.where(s > 0, tl.minimum(tl.maximum(c, 0.0), QMAX), 0.0)
+    return c, scale, zero
+
+
+@triton.jit
+def _pack_plane(codes, BITS: tl.constexpr, G: tl.constexpr, D: tl.constexpr):
+    """(G, D) int32 codes of BITS bits -> (G, D*BITS/8) bytes, channel c at bit (c % (8/BITS))*BITS."""
+    PER: tl.constexpr = 8 // BITS
+    if PER == 1:
+        packed = codes
+    else:
+        shifts = tl.arange(0, PER) * BITS
+        packed = tl.sum(tl.reshape(codes, (G, D // PER, PER)) << shifts[None, None, :], 2)
+    return packed.to(tl.uint8)
+
+
+@triton.jit
+def _store_codes(dst_rows, codes, BITS: tl.constexpr, G: tl.constexpr, D: tl.constexpr):
+    c = codes.to(tl.int32)
+    if BITS == 3:
+        tl.store(dst_rows[:, None] + tl.arange(0, D // 4)[None, :], _pack_plane(c & 3, 2, G, D))
+        tl.store(dst_rows[:, None] + D // 4 + tl.arange(0, D // 8)[None, :], _pack_plane(c >> 2, 1, G, D))
+    else:
+        tl.store(dst_rows[:, None] + tl.arange(0, D * BITS // 8)[None, :], _pack_plane(c, BITS, G, D))
+
+
+@triton.jit
+def _quantize_tokens(x, dst_rows, meta_rows, s_ptr, z_ptr, clip, BITS: tl.constexpr, GROUP: tl.constexpr,
+                     G: tl.constexpr, D: tl.constexpr):
+    """Per-token groups of GROUP channels: codes to dst_rows (G,), scales/zeros to meta_rows (G,)."""
+    NG: tl.constexpr = D // GROUP
+    xg = tl.reshape(x, (G, NG, GROUP))
+    c, scale, zero = _codes(xg, tl.min(xg, 2)[:, :, None], tl.max(xg, 2)[:, :, None], BITS, clip)
+    _store_codes(dst_rows, tl.reshape(c, (G, D)), BITS, G, D)
+    meta = meta_rows[:, None] + tl.arange(0, NG)[None, :]
+    tl.store(s_ptr + meta, tl.reshape(scale, (G, NG)))
+    tl.store(z_ptr + meta, tl.reshape(zero, (G, NG)))
+
+
+@triton.jit
+def _load_block(src_ptr, rows, m_ptr, M_ON: tl.constexpr, D: tl.constexpr):
+    """Rows (G, D) fp32, mapped by the matrix M (D, D) when M_ON: x @ M."""
+    x = tl.load(src_ptr + rows[:, None] * D + tl.arange(0, D)[None, :]).to(tl.float32)
+    if M_ON:
+        m = tl.load(m_ptr + tl.arange(0, D)[:, None] * D + tl.arange(0, D)[None, :]).to(tl.float32)
+        x = tl.dot(x, m, input_precision="ieee")
+    return x
+
+
+@triton.jit
+def _quantize_pack_kernel(
+    kin_ptr, vin_ptr, hk_ptr, hv_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr,
+    cos_ptr, sin_ptr, pos0_ptr, kmat_ptr, vmat_ptr,
+    H, S_src, src0, dst0, C_h, clip_k, clip_v,
+    D: tl.constexpr, G: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_PER_CHANNEL: tl.constexpr,
+    K_GROUP: tl.constexpr, V_GROUP: tl.constexpr, UNROPE: tl.constexpr, KMAT: tl.constexpr, VMAT: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    blk = tl.program_id(1)
+    i = tl.arange(0, G)
+    src_rows = bh * S_src + (src0 + blk * G + i) % S_src  # the source may be a ring
+    dst = dst0 + blk * G + i
+    tok = bh * C_h + dst  # history rows
+
+    if UNROPE:  # keys are stored before RoPE: x*cos + rotate_half(x)*(-sin) at the token's position
+        cols = tl.arange(0, D)
+        k = tl.load(kin_ptr + src_rows[:, None] * D + cols[None, :]).to(tl.float32)
+        partner = tl.load(kin_ptr + src_rows[:, None] * D + ((cols + D // 2) % D)[None, :]).to(tl.float32)
+        rotated = tl.where(cols[None, :] < D // 2, -partner, partner)
+        tab = (tl.load(pos0_ptr + bh // H) + dst)[:, None] * D + cols[None, :]
+        k = k * tl.load(cos_ptr + tab).to(tl.float32) + rotated * -tl.load(sin_ptr + tab).to(tl.float32)
+        if KMAT:
+            m = kmat_ptr + (bh % H) * D * D + cols[:, None] * D + cols[None, :]
+            k = tl.dot(k, tl.load(m).to(tl.float32), input_precision="ieee")
+    else:
+        k = _load_block(kin_ptr, src_rows, kmat_ptr + (bh % H) * D * D, KMAT, D)
+    k = tl.minimum(tl.maximum(k, -FP16_MAX), FP16_MAX)
+
+    KB: tl.constexpr = D * K_BITS // 8
+    if K_PER_CHANNEL:
+        c, scale, zero = _codes(k, tl.min(k, 0)[None, :], tl.max(k, 0)[None, :], K_BITS, clip_k)
+        _store_codes(hk_ptr + tok * KB, c, K_BITS, G, D)
+        meta = (bh * (C_h // G) + dst0 // G + blk) * D + tl.arange(0, D)[None, :]
+        tl.store(ks_ptr + meta, scale)
+        tl.store(kz_ptr + meta, zero)
+    else:
+        _quantize_tokens(k, hk_ptr + tok * KB, tok * (D // K_GROUP), ks_ptr, kz_ptr, clip_k, K_BITS, K_GROUP, G, D)
+
+    v = _load_block(vin_ptr, src_rows, vmat_ptr, VMAT, D)
+    v = tl.minimum(tl.maximum(v, -FP16_MAX), FP16_MAX)
+    _quantize_tokens(v, hv_ptr + tok * (D * V_BITS // 8), tok * (D // V_GROUP), vs_ptr, vz_ptr, clip_v, V_BITS,
+                     V_GROUP, G, D)
+
+
+def quantize_pack(k_src: Tensor, v_src: Tensor, src0: int, n_tokens: int, hist: History, dst0: int, spec: Spec,
+                  clip_k: float = 1.0, clip_v: float = 1.0, *, rope: PreRope | None = None,
+                  key_matrix: Tensor | None = None, value_matrix: Tensor | None = None) -> None:
+    """Quantize n_tokens (whole blocks of G) rows of k_src, v_src (B, Hkv, S, D), starting at row
+    src0 and wrapping modulo S (a ring), into history rows dst0.. of `hist`, in place.
+
+    Keys: inverse RoPE at their positions (history row i sits at rope.pos0 + i) when `rope` is
+    given, then x @ key_matrix[h] (Hkv, D, D); values: v @ value_matrix (D, D). The same function
+    as kernels.reference.quantize_block applied to the transformed rows."""
+    B, H, S, D = k_src.shape
+    G = spec.block
+    if n_tokens % G or dst0 % G:
+        raise ValueError("quantize_pack moves whole blocks of G tokens")
+    if not all(t.is_contiguous() for t in (k_src, v_src, *hist)):
+        raise ValueError("quantize_pack needs contiguous tensors")
+    cos, sin, pos0 = rope if rope is not None else (k_src, k_src, k_src)  # placeholders when off
+    _quantize_pack_kernel[(B * H, n_tokens // G)](
+        k_src, v_src, *hist, cos, sin, pos0,
+        k_src if key_matrix is None else key_matrix, k_src if value_matrix is None else value_matrix,
+        H, S, src0, dst0, hist.k.shape[2], clip_k, clip_v,
+        D=D, G=G, K_BITS=spec.k_bits, V_BITS=spec.v_bits, K_PER_CHANNEL=spec.k_per_channel,
+        K_GROUP=spec.k_group, V_GROUP=spec.v_group, UNROPE=rope is not None, KMAT=key_matrix is not None,
+        VMAT=value_matrix is not None, num_warps=4 if key_matrix is None and value_matrix is None else 8,
+    )

@@ -1,0 +1,266 @@
+"""Triton kernels against their PyTorch twins, and the twins against plain attention.
+
+Runs on CPU through Triton's interpreter, so shapes are small: a batch of three sequences of
+different lengths covers partial sinks with an empty history, a wrapped ring and a full history.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from kernels import reference  # noqa: E402
+from kernels.decode_attention import decode_attention  # noqa: E402
+from kernels.layout import History, PreRope, Spec  # noqa: E402
+from minikv.model import apply_rope  # noqa: E402
+from minikv.quant import hadamard  # noqa: E402
+from minikv.store import reference_attention  # noqa: E402
+
+N_SINK, W, G, C_H = 4, 32, 16, 64
+R = W + G
+LENGTHS = (3, 90, 100)  # sinks only; history 48 + wrapped window; full history
+
+
+def _orthogonal(n_kv: int, d: int, g: torch.Generator) -> torch.Tensor:
+    """Per-head channel permutation followed by a Hadamard rotation, as (n_kv, D, D) matrices."""
+    perms = torch.stack([torch.randperm(d, generator=g) for _ in range(n_kv)])
+    return torch.eye(d)[perms] @ hadamard(d)
+
+
+def _state(spec: Spec, n_kv: int, group: int, prerope: bool, fold: bool, seed: int):
+    """Random store contents in the layout of kernels.layout (empty slots hold NaN), the
+    arguments of decode_attention, and the matrix A that maps attention-space keys to stored ones."""
+    g = torch.Generator().manual_seed(seed)
+    B, D = len(LENGTHS), spec.head_dim
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g)
+
+    def scale(bits, *shape):  # fp16 scales and zero-points giving values in about [-3, 3]
+        return ((torch.rand(*shape, generator=g) + 0.1) * 4 / (2**bits - 1)).half()
+
+    def zero(*shape):
+        return (torch.rand(*shape, generator=g) * 2 - 3).half()
+
+    lengths = torch.tensor(LENGTHS)
+    n_hist = torch.tensor([max(0, L - N_SINK - W) // G * G for L in LENGTHS])
+    k_meta = (B, n_kv, C_H // G, D) if spec.k_per_channel else (B, n_kv, C_H, D // spec.k_group)
+    hist = History(
+        torch.randint(0, 256, (B, n_kv, C_H, spec.packed_bytes(spec.k_bits)), generator=g, dtype=torch.uint8),
+        torch.randint(0, 256, (B, n_kv, C_H, spec.packed_bytes(spec.v_bits)), generator=g, dtype=torch.uint8),
+        scale(spec.k_bits, *k_meta), zero(*k_meta),
+        scale(spec.v_bits, B, n_kv, C_H, D // spec.v_group), zero(B, n_kv, C_H, D // spec.v_group),
+    )
+    sink_k, sink_v = randn(B, n_kv, N_SINK, D), randn(B, n_kv, N_SINK, D)
+    win_k, win_v = randn(B, n_kv, R, D), randn(B, n_kv, R, D)
+    empty = ~reference.window_valid(lengths, n_hist, N_SINK, R)
+    for b, L in enumerate(LENGTHS):
+        sink_k[b, :, L:] = float("nan")
+        win_k[b][:, empty[b]] = float("nan")
+        win_v[b][:, empty[b]] = float("nan")
+    q = randn(B, n_kv * group, D)
+    kw = {}
+    if prerope:
+        inv = 1.0 / (100.0 ** (torch.arange(0, D, 2).float() / D))
+        emb = torch.outer(torch.arange(128).float(), inv).repeat(1, 2)
+        kw["rope"] = PreRope(emb.cos(), emb.sin(), torch.full((B,), N_SINK))
+    a = None
+    if fold:
+        kw["value_matrix"] = hadamard(D)
+        if prerope:
+            kw["key_matrix"] = _orthogonal(n_kv, D, g)
+        else:
+            a = _orthogonal(n_kv, D, g)
+            kw["q_hist"] = (q.view(B, n_kv, group, D) @ a[None]).view(B, -1, D).contiguous()
+    return (q, sink_k, sink_v, lengths, hist, spec, n_hist, win_k, win_v), kw, a
+
+
+def _direct(args, kw, a, extra=None) -> torch.Tensor:
+    """Attention over the dequantized concatenation in attention space (and `extra` keys and
+    values (B, Hkv, n, D) after it), through minikv.store.reference_attention."""
+    q, sink_k, sink_v, lengths, hist, spec, n_hist, win_k, win_v = args
+    k_h, v_h = reference.dequantize_history(hist, spec, kw.get("rope"), kw.get("key_matrix"))
+    if a is not None:
+        k_h = k_h @ a.mT[None]
+    if "value_matrix" in kw:
+        v_h = v_h @ kw["value_matrix"]
+    valid = reference.window_valid(lengths, n_hist, N_SINK, R)
+    outs = []
+    for b, L in enumerate(LENGTHS):
+        n_s, n_h, w = min(L, N_SINK), int(n_hist[b]), valid[b]
+        tail = [] if extra is None else [extra[0][b]], [] if extra is None else [extra[1][b]]
+        k = torch.cat([sink_k[b, :, :n_s], k_h[b, :, :n_h], win_k[b][:, w], *tail[0]], dim=1)
+        v = torch.cat([sink_v[b, :, :n_s], v_h[b, :, :n_h], win_v[b][:, w], *tail[1]], dim=1)
+        outs.append(reference_attention(q[b, :, None], k, v, None)[:, 0])
+    return torch.stack(outs)
+
+
+CASES = [  # k_bits, v_bits, per-channel keys, k_group, v_group, GQA group, pre-RoPE, folded matrices
+    (1, 1, True, 8, 8, 1, False, False),
+    (2, 2, True, 32, 16, 2, False, True),
+    (3, 3, True, 8, 8, 4, True, False),
+    (4, 2, True, 32, 32, 4, False, False),
+    (8, 8, True, 16, 8, 2, True, True),
+    (1, 3, False, 8, 8, 2, False, True),
+    (2, 4, False, 32, 16, 4, True, True),
+    (3, 1, False, 16, 32, 1, False, False),
+    (4, 8, False, 8, 8, 2, False, False),
+    (8, 2, False, 32, 32, 4, True, False),
+]
+
+
+def _case_id(c) -> str:
+    return "k{}v{}-{}-kg{}-vg{}-gqa{}{}{}".format(c[0], c[1], "chan" if c[2] else "tok", *c[3:6],
+                                                 "-prerope" if c[6] else "", "-fold" if c[7] else "")
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("splits, block_n", [(1, 16), (3, 32)])
+def test_decode_matches_twin(case, splits, block_n):
+    k_bits, v_bits, per_channel, kg, vg, group, prerope, fold = case
+    spec = Spec(32, k_bits, v_bits, per_channel, G, kg, vg)
+    args, kw, a = _state(spec, 2, group, prerope, fold, seed=sum(case) + splits)
+    mass_ref, mass = torch.zeros(len(LENGTHS), 2, R), torch.zeros(len(LENGTHS), 2, R)
+    want = reference.decode_attention(*args, **kw, mass=mass_ref)
+    got = decode_attention(*args, **kw, mass=mass, splits=splits, block_n=block_n, block_w=16)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(mass, mass_ref, atol=1e-5, rtol=1e-4)
+    assert mass_ref.sum() > 0
+    if splits == 1:
+        torch.testing.assert_close(want, _direct(args, kw, a), atol=1e-5, rtol=1e-5)
+
+
+STORE_CASES = {  # KVSettings overrides, key channel permutation
+    "k4v2": (dict(bits_k=4, bits_v=2), False),
+    "skvq-like": (dict(bits_k=2, bits_v=3, key_axis="token", group_k=8, reorder=True, rotate_v=True), True),
+    "rotatekv": (dict(bits_k=2, bits_v=2, rotate_k=True, rotate_v=True, prerope=True), False),
+    "prerope-reorder": (dict(bits_k=3, bits_v=4, group_k=16, reorder=True, prerope=True), True),
+}
+
+
+@pytest.mark.parametrize("name", STORE_CASES)
+def test_store_path_matches_the_store(name):
+    """kernels.store_attention on a real QuantizedStore (kernel attention for prefill chunks and
+    decode steps, kernel quantize-and-pack for its block moves) against the store's own path,
+    through a decode step that moves a block into the history and the one after."""
+    from kernels import store_attention
+    from minikv.config import ModelConfig
+    from minikv.model import rope_tables
+    from minikv.presets import KVSettings
+    from minikv.qstore import LayerPlan, QuantizedStore
+
+    overrides, reorder = STORE_CASES[name]
+    D, n_kv, group, B, cap = 32, 2, 2, 2, 128
+    s = KVSettings(group=16, group_v=16, window=32, n_sink=4, **overrides)
+    g = torch.Generator().manual_seed(len(name))
+    perm = torch.stack([torch.randperm(D, generator=g) for _ in range(n_kv)]) if reorder else None
+    cfg = ModelConfig(vocab_size=10, dim=4 * D, n_layers=1, n_heads=n_kv * group, n_kv_heads=n_kv, hidden_dim=8,
+                      head_dim=D)
+    stores = [QuantizedStore(1, B, cap, n_kv, D, None, torch.float32, "cpu", settings=s,
+                             plans=[LayerPlan(s.bits_k, s.bits_v, 0.9, 1.0, perm)], rope=rope_tables(cfg, cap),
+                             mirror=False) for _ in range(2)]
+    ref, fast = stores
+    assert store_attention.supported(fast, 0)
+    fast._flush = lambda layer, k, v, a, b, mass: store_attention.flush(fast, layer, k, v, a, b)
+    for T in (60, 39, 1, 1):  # 99 tokens: the ring holds W + G - 1, so the next token moves a block
+        q, k, v = (torch.randn(B, h, T, D, generator=g) for h in (n_kv * group, n_kv, n_kv))
+        start, pos = fast.length, fast.positions(T)
+        got = store_attention.attend(fast, 0, q, k, v, start)
+        fast._append(0, k, v, start, None)
+        want = ref.attend(0, q, k, v, pos)
+        for st in stores:
+            st.advance(T)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    for got_t, want_t in zip(ref.dequantized_history(0, raw=True), fast.dequantized_history(0, raw=True)):
+        assert (got_t - want_t).abs().max() < 0.5 and (got_t != want_t).float().mean() < 0.02
+
+
+PACK_CASES = [  # k_bits, v_bits, per-channel keys, k_group, v_group, clip, pre-RoPE, matrices
+    (1, 2, True, 8, 8, 1.0, False, False),
+    (2, 3, False, 16, 8, 0.9, False, False),
+    (3, 4, True, 32, 16, 0.8, True, False),
+    (4, 8, False, 8, 32, 1.0, True, False),
+    (8, 1, True, 16, 16, 0.95, False, False),
+    (2, 2, True, 32, 32, 1.0, True, True),
+    (4, 2, False, 16, 16, 0.9, False, True),
+]
+
+
+@pytest.mark.parametrize("case", PACK_CASES, ids=lambda c: "k{}v{}-{}-kg{}-vg{}-clip{}{}{}".format(
+    c[0], c[1], "chan" if c[2] else "tok", *c[3:6], "-prerope" if c[6] else "", "-mat" if c[7] else ""))
+def test_quantize_pack_matches_twin(case):
+    """Two blocks leave a wrapped ring for history rows G..3G-1; other rows stay as they were."""
+    from kernels.quantize_pack import quantize_pack
+
+    k_bits, v_bits, per_channel, kg, vg, clip, prerope, matrices = case
+    D, B, n_kv, src0 = 32, len(LENGTHS), 2, R - G // 2
+    spec = Spec(D, k_bits, v_bits, per_channel, G, kg, vg)
+    g = torch.Generator().manual_seed(sum(map(int, case[:5])))
+    ring_k, ring_v = torch.randn(B, n_kv, R, D, generator=g) * 3, torch.randn(B, n_kv, R, D, generator=g)
+    args, _, _ = _state(spec, n_kv, 1, False, False, seed=1)
+    hist = History(*(t.clone() for t in args[4]))
+    before = History(*(t.clone() for t in hist))
+    kw = {}
+    rows = (src0 + torch.arange(2 * G)) % R
+    k, v = ring_k[:, :, rows], ring_v[:, :, rows]
+    if prerope:
+        inv = 1.0 / (100.0 ** (torch.arange(0, D, 2).float() / D))
+        emb = torch.outer(torch.arange(128).float(), inv).repeat(1, 2)
+        kw["rope"] = PreRope(emb.cos(), emb.sin(), torch.full((B,), N_SINK))
+        pos = N_SINK + G + torch.arange(2 * G)
+        k = apply_rope(k, emb.cos()[pos], -emb.sin()[pos])
+    if matrices:
+        kw["key_matrix"], kw["value_matrix"] = _orthogonal(n_kv, D, g), hadamard(D)
+        k, v = k @ kw["key_matrix"][None], v @ kw["value_matrix"]
+    quantize_pack(ring_k, ring_v, src0, 2 * G, hist, G, spec, clip, clip, **kw)
+    want = reference.quantize_block(k, v, spec, clip, clip)
+    meta_rows = slice(1, 3) if per_channel else slice(G, 3 * G)
+    got_k, got_v = reference.dequantize_history(hist, spec)
+    twin = History(*(t.clone() for t in before))
+    for name, rows_ in (("k", slice(G, 3 * G)), ("v", slice(G, 3 * G)), ("k_scale", meta_rows),
+                        ("k_zero", meta_rows), ("v_scale", slice(G, 3 * G)), ("v_zero", slice(G, 3 * G))):
+        getattr(twin, name)[:, :, rows_] = getattr(want, name)
+    want_k, want_v = reference.dequantize_history(twin, spec)
+    if matrices:  # fp32 matrix products in another order: a rare code may round the other way
+        for got_x, want_x, scale in ((got_k, want_k, hist.k_scale), (got_v, want_v, hist.v_scale)):
+            assert (got_x - want_x).abs().max() <= scale.float().max() * 1.01
+            assert (got_x != want_x).float().mean() < 0.02
+        torch.testing.assert_close(hist.k_scale, twin.k_scale, atol=2e-3, rtol=2e-3)
+    else:
+        for got_t, want_t in zip(hist, twin):
+            assert torch.equal(got_t, want_t)
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[6], CASES[9]], ids=_case_id)
+def test_prefill_matches_twin(case):
+    """A chunk of 21 tokens (two query blocks, the last partial) after what the store holds."""
+    from kernels.prefill_attention import prefill_attention
+
+    k_bits, v_bits, per_channel, kg, vg, group, prerope, fold = case
+    spec = Spec(32, k_bits, v_bits, per_channel, G, kg, vg)
+    args, kw, a = _state(spec, 2, group, prerope, False, seed=sum(case))
+    q, sink_k, sink_v, lengths, hist, spec, n_hist, win_k, win_v = args
+    g = torch.Generator().manual_seed(7)
+    B, T, D = len(LENGTHS), 21, 32
+    q = torch.randn(B, 2 * group, T, D, generator=g)
+    k_new, v_new = torch.randn(B, 2, T, D, generator=g), torch.randn(B, 2, T, D, generator=g)
+    if fold:
+        kw["value_matrix"] = hadamard(D)
+        kw["q_hist"] = torch.randn(B, 2 * group, T, D, generator=g)
+    chunk_args = (q, k_new, v_new, sink_k, sink_v, lengths, hist, spec, n_hist, win_k, win_v)
+    mass_ref, mass = torch.zeros(B, 2, R), torch.zeros(B, 2, R)
+    want = reference.prefill_attention(*chunk_args, **kw, mass=mass_ref)
+    got = prefill_attention(*chunk_args, **kw, mass=mass, block_m=16 // group, block_n=32, block_w=16)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(mass, mass_ref, atol=1e-4, rtol=1e-4)
+    if not fold:  # against attention over the concatenation, one query token at a time
+        for t in (0, 9, T - 1):
+            held = (q[:, :, t], sink_k, sink_v, lengths, hist, spec, n_hist, win_k, win_v)
+            k_t, v_t = k_new[:, :, :t + 1], v_new[:, :, :t + 1]
+            direct = _direct(held, kw, a, extra=(k_t, v_t))
+            torch.testing.assert_close(want[:, :, t], direct, atol=1e-5, rtol=1e-5)
