@@ -9,13 +9,16 @@ history there). Nothing else about the cache leaks into the model.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 from abc import ABC, abstractmethod
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from minikv.errors import ContextFull
+from minikv.errors import ContextFull, MinikvError
 
 
 def causal_mask(q_pos: Tensor, k_pos: Tensor, window: int | None) -> Tensor:
@@ -81,12 +84,103 @@ class KVStore(ABC):
     def nbytes(self) -> int:
         """Bytes the store occupies (its preallocated buffers, metadata included)."""
 
+    def working_nbytes(self) -> int:
+        """Bytes a compute path keeps beside the store (not part of what it holds), e.g. a
+        dequantized copy that makes the CPU reference attention one SDPA call."""
+        return 0
+
     def bytes_per_token(self) -> float:
         return self.nbytes() / self.capacity
+
+    # Saving and restoring (sessions). Generic over subclasses: the state is every public
+    # Tensor / list-of-Tensor attribute plus every public plain attribute (numbers, strings,
+    # lists, dataclass settings), so a new store type is saved correctly without extra code.
+    # Tensors are restored into the existing buffers, which fixes device and dtype.
+
+    volatile = ("static",)  # how this process runs the store, not what it holds: never compared
+    derived: tuple[str, ...] = ()  # tensor attributes computed from others or from settings: not saved
+
+    def used_part(self, name: str, t: Tensor) -> Tensor:
+        """The leading slice of buffer `name` that holds data (saved instead of the whole buffer)."""
+        return t
+
+    def restored(self) -> None:
+        """Recompute the `derived` data that depends on loaded buffers (e.g. a dequantized mirror)."""
+
+    def _buffers(self) -> dict[str, Tensor]:
+        out = {}
+        for name, value in vars(self).items():
+            if name.startswith("_") or name in self.derived:
+                continue
+            if isinstance(value, Tensor):
+                out[name] = value
+            elif isinstance(value, (list, tuple)) and value and all(isinstance(t, Tensor) for t in value):
+                out.update({f"{name}.{i}": t for i, t in enumerate(value)})
+        return out
+
+    def _plain(self) -> dict[str, Any]:
+        out = {}
+        for name, value in vars(self).items():
+            if name.startswith("_") or name in self.volatile:
+                continue
+            if dataclasses.is_dataclass(value) and not isinstance(value, type):
+                value = dataclasses.asdict(value)
+            try:  # as it will read back from a file: tuples become lists
+                out[name] = json.loads(json.dumps(value))
+            except (TypeError, ValueError):
+                pass  # not plain data (a dtype, a device, a callable)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """{"kind", "layout": {name: [full shape, dtype]}, "tensors": {name: used part}, "attrs": {...}}."""
+        buffers = self._buffers()
+        return {
+            "kind": type(self).__name__,
+            "layout": {n: [list(t.shape), str(t.dtype)] for n, t in buffers.items()},
+            "tensors": {n: self.used_part(n.split(".")[0], t) for n, t in buffers.items()},
+            "attrs": self._plain(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a `state_dict()` of a store built with the same settings; else MinikvError.
+
+        Buffers must have the same shapes (floating ones may differ in dtype: they are cast);
+        plain settings must be equal; counters (ints, lists of ints) are taken from `state`."""
+        mine = self.state_dict()
+        if state["kind"] != mine["kind"]:
+            raise MinikvError(f"it holds a {state['kind']} cache, this one is a {mine['kind']}")
+        if set(state["layout"]) != set(mine["layout"]):
+            raise MinikvError(f"its cache buffers are {sorted(state['layout'])}, this one's {sorted(mine['layout'])}")
+        for name, (shape, dtype) in mine["layout"].items():
+            theirs = state["layout"][name]
+            if theirs[0] != shape or theirs[1] != dtype and not _both_float(theirs[1], dtype):
+                raise MinikvError(f"its cache buffer {name} is {theirs}, this one is {[shape, dtype]}")
+        counters = {n for n, v in mine["attrs"].items() if _is_counter(v)}
+        for name, value in mine["attrs"].items():
+            if name not in state["attrs"] or name not in counters and state["attrs"][name] != value:
+                raise MinikvError(f"its cache setting {name} is {state['attrs'].get(name)!r}, this one is {value!r}")
+        buffers = self._buffers()
+        for name, t in state["tensors"].items():
+            buffers[name][tuple(slice(0, n) for n in t.shape)].copy_(t)
+        for name in counters:
+            setattr(self, name, state["attrs"][name])
+        self.restored()
+
+
+def _both_float(a: str, b: str) -> bool:
+    return all(getattr(torch, d.removeprefix("torch.")).is_floating_point for d in (a, b))
+
+
+def _is_counter(value: Any) -> bool:
+    """Host-side counters (ints, lists of ints) change as tokens arrive; other attributes are settings."""
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+    return is_int(value) or isinstance(value, list) and all(is_int(v) for v in value)
 
 
 class FullPrecisionStore(KVStore):
     """Keys and values kept in the model's dtype, slot = position (gpt-fast's static cache)."""
+
+    derived = ("slot_positions",)
 
     def __init__(self, *args, static: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -117,3 +211,6 @@ class FullPrecisionStore(KVStore):
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def used_part(self, name: str, t: Tensor) -> Tensor:
+        return t[:, :, :self.length] if name in ("k", "v") else t
