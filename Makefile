@@ -8,7 +8,7 @@ PROMPT ?= Explain in two sentences why the sky is blue.
 # GPU machines get the regular wheel.
 TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch>=2.5,torch==2.13.0)
 
-.PHONY: setup setup-test weights run test bench clean
+.PHONY: setup setup-test weights data run test bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +30,14 @@ setup-test: $(VENV)/.installed-test
 $(MODEL)/model.safetensors: | $(VENV)/.installed
 	$(BIN)/minikv weights --out $(MODEL)
 
-weights: $(MODEL)/model.safetensors
+# KV-quantization calibration (channel order, clip ratios, K/V norms) from text the model writes itself.
+$(MODEL)/kv_calibration.json: $(MODEL)/model.safetensors
+	$(BIN)/minikv calibrate -m $(MODEL) --device cpu
+
+weights: $(MODEL)/model.safetensors $(MODEL)/kv_calibration.json
+
+data: | $(VENV)/.installed
+	$(BIN)/python -m minikv.textdata --out data
 
 run: weights
 	$(BIN)/minikv run --chat -p "$(PROMPT)"

@@ -167,14 +167,16 @@ def chat_messages(prompt: str, system: str | None = None) -> list[Message]:
 def describe(engine: Engine) -> str:
     """Context use, KV bytes and the last prefill/decode speeds: `run -v` and the REPL's /stats."""
     s, store = engine.stats, engine.store
+    working = store.working_nbytes()
+    extra = f" + {working / 2**20:.2f} MiB dequantized working copy" if working else ""
     return (f"context: {store.length} / {store.capacity} tokens, KV store {store.nbytes() / 2**20:.2f} MiB "
-            f"({store.nbytes()} bytes)\n"
+            f"({store.nbytes()} bytes){extra}\n"
             f"prefill: {s.prompt_tokens} tokens, {s.prefill_tps:.1f} tok/s\n"
             f"decode:  {s.generated_tokens} tokens, {s.decode_tps:.1f} tok/s, stop: {s.stop_reason or '-'}")
 
 
 def load(model: str | Path | None = None, device: str | torch.device | None = None,
-         dtype: str | torch.dtype | None = None, ctx: int = 4096, kv: str | KVSettings = "fp16",
+         dtype: str | torch.dtype | None = None, ctx: int = 4096, kv: str | KVSettings | None = None,
          cuda_graph: bool = True, progress: bool = False) -> LLM:
     """Load a model folder or .gguf file (None: the default model) with a `ctx`-token KV store.
 
@@ -184,6 +186,6 @@ def load(model: str | Path | None = None, device: str | torch.device | None = No
 
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
-    settings = presets.KVSettings.from_preset(kv) if isinstance(kv, str) else kv
+    settings = presets.KVSettings.from_preset(kv or presets.DEFAULT_KV) if isinstance(kv, str | None) else kv
     net, tokenizer = load_model(model, device, dtype, progress=progress)
     return LLM(net, tokenizer, settings, ctx, cuda_graph=cuda_graph, progress=progress)

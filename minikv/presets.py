@@ -114,19 +114,29 @@ class KVSettings:
 
 
 # name -> (one line for --help, KVSettings fields). Defaults: window 128, 4 sinks, G 32.
+# Definitions follow docs/ACCURACY.md (default model, dev split, n_ctx 2048); 64-wide groups
+# are 16 bits of scale + zero per 64 elements, so K4V2 costs 3.5 bits per element.
+G64 = dict(group=64, group_k=64, group_v=64)
 PRESETS: dict[str, tuple[str, dict]] = {
     "fp16": ("full-precision cache (the model's dtype), no quantization", {}),
-    "int8": ("8-bit keys (per channel) and values (per token), fp window 128 + 4 sinks", dict(bits_k=8, bits_v=8)),
-    "kivi4": ("KIVI: 4-bit keys per channel in 32-token blocks, 4-bit values per token", dict(bits_k=4, bits_v=4)),
-    "kivi2": ("KIVI: 2-bit keys per channel in 32-token blocks, 2-bit values per token", dict(bits_k=2, bits_v=2)),
-    "k4v2": ("KV-AdaQuant: more bits for keys than values, 4-bit keys, 2-bit values", dict(bits_k=4, bits_v=2)),
-    "skvq": ("SKVQ: 2-bit per-token keys after calibrated channel reorder, calibrated clipping (needs calibration)",
-             dict(bits_k=2, bits_v=2, key_axis="token", reorder=True, clip_k=None, clip_v=None)),
-    "rotatekv": ("RotateKV: Hadamard-rotated pre-RoPE keys and rotated values, 2 bits",
-                 dict(bits_k=2, bits_v=2, rotate_k=True, rotate_v=True, prerope=True)),
-    "mikv": ("MiKV: 2-bit history, the 1/8 of tokens with most attention kept at 8 bits",
-             dict(bits_k=2, bits_v=2, mikv=(8, 0.125))),
+    "int8": ("8-bit keys (per channel) and values (per token), fp window 128 + 4 sinks; 9 bits/elem",
+             dict(bits_k=8, bits_v=8)),
+    "kivi4": ("KIVI: 4-bit keys per channel in 32-token blocks, 4-bit values per token; 5 bits/elem",
+              dict(bits_k=4, bits_v=4)),
+    "kivi2": ("KIVI: 2-bit keys per channel in 32-token blocks, 2-bit values per token; 3 bits/elem",
+              dict(bits_k=2, bits_v=2)),
+    "k4v2": ("KV-AdaQuant: 4-bit keys, 2-bit values, Hadamard-rotated, keys pre-RoPE, 64-wide groups; "
+             "3.5 bits/elem (default)", dict(bits_k=4, bits_v=2, rotate_k=True, rotate_v=True, prerope=True, **G64)),
+    "skvq": ("SKVQ: 3-bit per-token keys after calibrated channel reorder, 2-bit values, calibrated clipping; "
+             "3.5 bits/elem (needs calibration)",
+             dict(bits_k=3, bits_v=2, key_axis="token", reorder=True, clip_k=None, clip_v=None)),
+    "rotatekv": ("RotateKV: Hadamard-rotated pre-RoPE keys and rotated values, 2 bits, 64-wide groups; "
+                 "2.5 bits/elem", dict(bits_k=2, bits_v=2, rotate_k=True, rotate_v=True, prerope=True, **G64)),
+    "mikv": ("MiKV: rotated 2-bit history, the 1/8 of tokens with most attention kept at 8 bits",
+             dict(bits_k=2, bits_v=2, rotate_k=True, rotate_v=True, mikv=(8, 0.125))),
 }
+# The fewest bits whose perplexity stays within 0.5 % of the full-precision cache (docs/ACCURACY.md).
+DEFAULT_KV = "k4v2"
 
 
 def presets_help() -> str:
@@ -168,7 +178,7 @@ def _mikv(text: str) -> tuple[int, float] | None:
 
 def add_kv_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("KV cache (a preset, then overrides)")
-    g.add_argument("--kv", default="fp16", choices=list(PRESETS), help="KV cache preset (default: %(default)s)")
+    g.add_argument("--kv", default=DEFAULT_KV, choices=list(PRESETS), help="KV cache preset (default: %(default)s)")
     g.add_argument("--kv-bits-k", type=_bits, metavar="B", help="key bits: 1, 2, 3, 4, 8, or 16 (not quantized)")
     g.add_argument("--kv-bits-v", type=_bits, metavar="B", help="value bits: 1, 2, 3, 4, 8, or 16")
     g.add_argument("--kv-group", type=int, metavar="G", help="group size: tokens per block and channels per scale")
@@ -213,7 +223,8 @@ def kv_settings_from_args(args: argparse.Namespace) -> KVSettings:
             from minikv.loader import default_model_dir
 
             model = default_model_dir()
-        default = Path(model) / CALIBRATION_FILE
+        folder = Path(model).parent if Path(model).is_file() else Path(model)  # a .gguf file: its folder
+        default = folder / CALIBRATION_FILE
         calib = str(default) if default.is_file() else None
     return KVSettings.from_preset(args.kv, calib=calib, **o)
 

@@ -42,7 +42,9 @@ silently overwritten.
 
 On the CPU the store also keeps a position-indexed mirror `view_k/view_v` (B, H, capacity, D)
 of what attention sees (sinks and window exact, history dequantized once when it is written),
-so the reference attention is one masked SDPA call; it is a compute aid, not counted in nbytes.
+so the reference attention is one masked SDPA call; it is a compute aid, not counted in nbytes
+(`working_nbytes()` reports it, and `run -v` / `/stats` show it). Without it the CPU path would
+dequantize the whole history at every step.
 """
 from __future__ import annotations
 
@@ -185,6 +187,9 @@ class QuantizedStore(KVStore):
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for name in BUFFERS for t in getattr(self, name))
+
+    def working_nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.view_k + self.view_v)
 
     def n_hist(self, n: int) -> int:
         """History tokens when n tokens are held (the schedule in the module docstring)."""

@@ -97,7 +97,7 @@ def test_bench_command_writes_json_and_row(tmp_path):
     save_folder(hf, tmp_path / "model")
     out = tmp_path / "out"
     argv = ["bench", "-m", str(tmp_path / "model"), "--device", "cpu", "--prompt-len", "5", "-n", "2",
-            "--repeats", "1", "--no-transformers", "--out", str(out), "--tag", "t"]
+            "--repeats", "1", "--no-transformers", "--kv", "kivi2", "--kv-group", "8", "--out", str(out), "--tag", "t"]
     assert cli_main(argv) == 0
     assert cli_main(argv) == 0
     record = json.loads((out / "t.json").read_text())

@@ -272,12 +272,12 @@ def test_quantized_preset_stays_close_to_full_precision():
 
 # ---- settings, presets, flags --------------------------------------------------------------
 
-CFG = ModelConfig(vocab_size=10, dim=128, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=8)  # head dim 32
+CFG = ModelConfig(vocab_size=10, dim=256, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=8)  # head dim 64
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_every_preset_builds_a_store(name, tmp_path):
-    perm = torch.arange(32).expand(2, 2, 32)
+    perm = torch.arange(64).expand(2, 2, 64)
     calib = Calibration(model=fingerprint(CFG), key_perm=perm, key_perm_prerope=perm,
                         clip={kind: {b: [0.9, 1.0] for b in (1, 2, 3, 4, 8)} for kind in "kv"})
     save_calibration(tmp_path / "c.json", calib)
