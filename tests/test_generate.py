@@ -17,7 +17,7 @@ NEW_TOKENS = 64
 
 @pytest.fixture(scope="module")
 def llm(default_model_dir):
-    return minikv.load(default_model_dir, device="cpu", dtype="fp32", ctx=256)
+    return minikv.load(default_model_dir, device="cpu", dtype="fp32", ctx=256, kv="fp16")
 
 
 def prompt_ids(llm, name):
@@ -53,6 +53,19 @@ def test_greedy_matches_transformers(llm, hf_greedy, name, chunk):
     logits = engine.ingest(prompt_ids(llm, name))
     got = list(engine.generate_ids(logits, SamplingParams(temperature=0, max_tokens=NEW_TOKENS)))
     assert len(got) >= 16  # a real continuation, not an immediate end of text
+    assert got == hf_greedy[name]
+
+
+@pytest.mark.parametrize("name", sorted(PROMPTS))
+def test_int8_store_greedy_equals_full_precision(llm, hf_greedy, name):
+    """With a 32-token window most of the context sits in the int8 history; greedy output is unchanged."""
+    from minikv.presets import KVSettings
+
+    int8 = LLM(llm.model, llm.tokenizer, KVSettings.from_preset("int8", window=32), ctx=256)
+    engine = int8.engine
+    logits = engine.ingest(prompt_ids(llm, name))
+    got = list(engine.generate_ids(logits, SamplingParams(temperature=0, max_tokens=NEW_TOKENS)))
+    assert engine.store.n_hist(engine.store.length) >= 32  # the history really holds tokens
     assert got == hf_greedy[name]
 
 
