@@ -125,6 +125,8 @@ PRESETS: dict[str, tuple[str, dict]] = {
               dict(bits_k=4, bits_v=4)),
     "kivi2": ("KIVI: 2-bit keys per channel in 32-token blocks, 2-bit values per token; 3 bits/elem",
               dict(bits_k=2, bits_v=2)),
+    "k4v4": ("4-bit keys and values, Hadamard-rotated, 64-wide groups; 4.5 bits/elem, the closest to full precision",
+             dict(bits_k=4, bits_v=4, rotate_k=True, rotate_v=True, **G64)),
     "k4v2": ("KV-AdaQuant: 4-bit keys, 2-bit values, Hadamard-rotated, keys pre-RoPE, 64-wide groups; "
              "3.5 bits/elem (default)", dict(bits_k=4, bits_v=2, rotate_k=True, rotate_v=True, prerope=True, **G64)),
     "skvq": ("SKVQ: 3-bit per-token keys after calibrated channel reorder, 2-bit values, calibrated clipping; "

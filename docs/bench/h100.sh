@@ -8,7 +8,7 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv | tee "$out/gpu.txt"
 python3 -c 'import torch, triton, transformers; print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__)'
 python3 -m pytest -q tests/test_bench.py -k "graph or twin" 2>&1 | tail -3
-b() { timeout "$1" python3 -m minikv.cli bench --out "$out" "${@:2}"; echo "exit $?"; }
+b() { timeout "$1" python3 -m minikv.cli bench --kv fp16 --out "$out" "${@:2}"; echo "exit $?"; }
 b 150 --geometry llama2-7b --device cuda --dtype fp16
 b 90 --geometry smollm2-135m --device cuda --dtype fp16
 b 90 --geometry llama2-7b --device cuda --dtype fp16 --no-graph --no-transformers --tag llama2-7b-h100-nograph
