@@ -182,27 +182,13 @@ def transformers_twin(model: Transformer) -> torch.nn.Module:
     """A transformers LlamaForCausalLM / MistralForCausalLM whose weights are views of ours (no copy)."""
     import transformers
 
-    from minikv.weights import _FUSED, _LAYER_NAMES
+    from minikv.weights import to_hf_state
 
     cfg = model.config
     hf_cfg = cfg.to_hf()
     conf = transformers.AutoConfig.for_model(hf_cfg.pop("model_type"), **hf_cfg)
-    ours = model.state_dict()
-    w = ours["tok_embeddings.weight"]
-    q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    splits = {"attention.wqkv": [q_dim, kv_dim, kv_dim], "feed_forward.w13": [cfg.hidden_dim, cfg.hidden_dim]}
-    state = {"model.embed_tokens.weight": w, "model.norm.weight": ours["norm.weight"],
-             "lm_head.weight": ours["output.weight"]}
-    for i in range(cfg.n_layers):
-        hf, mine = f"model.layers.{i}.", f"layers.{i}."
-        for src, dst in _LAYER_NAMES.items():
-            if mine + dst in ours:
-                state[hf + src] = ours[mine + dst]
-        for fused, parts in _FUSED.items():
-            for kind in ("weight", "bias"):
-                if f"{mine}{fused}.{kind}" in ours:
-                    pieces = ours[f"{mine}{fused}.{kind}"].split(splits[fused])
-                    state.update({f"{hf}{p}.{kind}": t for p, t in zip(parts, pieces)})
+    state = to_hf_state(model)
+    w = state["model.embed_tokens.weight"]
     with torch.device(w.device):
         hf_model = transformers.AutoModelForCausalLM.from_config(conf, dtype=w.dtype)
     hf_model.load_state_dict(state, assign=True)

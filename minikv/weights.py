@@ -58,6 +58,24 @@ def from_hf_state(cfg: ModelConfig, get: Callable[[str], Tensor | None]) -> Iter
                 yield f"{ours}{dst}.bias", torch.cat(biases)
 
 
+def to_hf_state(model: Transformer) -> dict[str, Tensor]:
+    """The inverse of `from_hf_state`: HF-named views of the model's tensors (fused ones split, no copy)."""
+    cfg, ours = model.config, model.state_dict()
+    q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    splits = {"attention.wqkv": [q_dim, kv_dim, kv_dim], "feed_forward.w13": [cfg.hidden_dim, cfg.hidden_dim]}
+    state = {"model.embed_tokens.weight": ours["tok_embeddings.weight"], "model.norm.weight": ours["norm.weight"],
+             "lm_head.weight": ours["output.weight"]}
+    for i in range(cfg.n_layers):
+        hf, mine = f"model.layers.{i}.", f"layers.{i}."
+        state.update({hf + src: ours[mine + dst] for src, dst in _LAYER_NAMES.items() if mine + dst in ours})
+        for fused, parts in _FUSED.items():
+            for kind in ("weight", "bias"):
+                if f"{mine}{fused}.{kind}" in ours:
+                    pieces = ours[f"{mine}{fused}.{kind}"].split(splits[fused])
+                    state.update({f"{hf}{p}.{kind}": t for p, t in zip(parts, pieces)})
+    return state
+
+
 def build_model(cfg: ModelConfig, tensors: Iterator[tuple[str, Tensor]], device: str | torch.device,
                 dtype: torch.dtype) -> Transformer:
     """Create the model on the meta device and assign each tensor, cast and moved, in turn."""

@@ -64,3 +64,16 @@ def test_static_store_matches_dynamic():
                 store.advance(1)
         results.append(out)
     assert torch.allclose(results[0], results[1], atol=1e-5)
+
+
+def test_hf_state_round_trips():
+    """to_hf_state is the inverse of the loader's mapping: HF names back to the same model."""
+    from minikv.weights import build_model, from_hf_state, to_hf_state
+
+    hf, cfg = hf_model("llama-gqa")
+    ours = minikv_twin(hf, cfg)
+    state = to_hf_state(ours)
+    assert set(state) == set(hf.state_dict())
+    again = build_model(ours.config, from_hf_state(ours.config, state.get), "cpu", torch.float32)
+    for name, t in ours.state_dict().items():
+        assert torch.equal(again.state_dict()[name], t), name
