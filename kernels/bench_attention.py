@@ -28,14 +28,14 @@ from kernels.quantize_pack import quantize_pack
 from minikv.quant import hadamard
 
 DEV = "cuda"
-HQ, HKV, D, N_SINK, W, G = 32, 8, 128, 4, 128, 32
-R = W + G
-PRESETS = {  # name -> (Spec, pre-RoPE keys with a key matrix and rotated values)
-    "k4v2": (Spec(D, 4, 2, True, G, 32, 32), False),
-    "kivi2": (Spec(D, 2, 2, True, G, 32, 32), False),
-    "skvq2": (Spec(D, 2, 2, False, G, 32, 32), False),
-    "rotatekv2": (Spec(D, 2, 2, True, G, 32, 32), True),
-    "int8": (Spec(D, 8, 8, True, G, 32, 32), False),
+HQ, HKV, D, N_SINK, W = 32, 8, 128, 4, 128
+PRESETS = {  # name -> (Spec, pre-RoPE keys with a key matrix and rotated values), as minikv.presets ships them
+    "k4v2": (Spec(D, 4, 2, True, 64, 64, 64), True),
+    "k4v2-postrope": (Spec(D, 4, 2, True, 64, 64, 64), False),  # the same bits with keys after RoPE
+    "kivi2": (Spec(D, 2, 2, True, 32, 32, 32), False),
+    "skvq": (Spec(D, 3, 2, False, 32, 32, 32), False),
+    "rotatekv": (Spec(D, 2, 2, True, 64, 64, 64), True),
+    "int8": (Spec(D, 8, 8, True, 32, 32, 32), False),
 }
 SHAPES = [(1, 1024), (1, 4096), (8, 32768), (8, 131072)]
 
@@ -62,6 +62,7 @@ def copy_bandwidth() -> float:
 def make_state(spec: Spec, rotated: bool, batch: int, length: int):
     """A store holding `length` tokens per sequence: random codes and fp16 scales, fp16 sinks and ring."""
     dev, f16 = DEV, torch.float16
+    G, R = spec.block, W + spec.block
     n_hist = (length - N_SINK - W) // G * G
     cap = n_hist
     k_meta = (batch, HKV, cap // G, D) if spec.k_per_channel else (batch, HKV, cap, D // spec.k_group)
@@ -94,7 +95,7 @@ def make_state(spec: Spec, rotated: bool, batch: int, length: int):
 
 def bytes_read(spec: Spec, batch: int, length: int, n_hist: int) -> int:
     """What the kernel must read: codes, scales and zeros of the history, fp16 sinks and window, q."""
-    k_meta = 4 * D * n_hist // G if spec.k_per_channel else 4 * n_hist * D // spec.k_group
+    k_meta = 4 * D * n_hist // spec.block if spec.k_per_channel else 4 * n_hist * D // spec.k_group
     per_head = (n_hist * (spec.packed_bytes(spec.k_bits) + spec.packed_bytes(spec.v_bits)) + k_meta
                 + 4 * n_hist * D // spec.v_group + (length - n_hist) * D * 2 * 2)
     return batch * HKV * per_head + 2 * batch * HQ * D * 2
@@ -116,13 +117,12 @@ def bench_sdpa(batch: int, length: int) -> dict:
                 sdpa_bytes=2 * k.numel() * 2 + 2 * q.numel() * 2)
 
 
-def sweep(args, kw, batch: int, length: int, full: bool) -> list[dict]:
-    """Launch settings around the default (block_n, num_warps, splits, num_stages)."""
+def sweep(args, kw, batch: int, length: int) -> list[dict]:
+    """Launch settings around the default: block_n (per-token keys only; per-channel keys tile by
+    block), num_warps, splits, num_stages."""
     base = num_splits(batch, HKV, length, 128)
-    settings = [(128, 8, base, None), (64, 4, base, None)]
-    if full:
-        settings += [(32, 4, base, None), (64, 8, base, None), (128, 4, max(1, base // 2), None),
-                     (128, 4, 2 * base, None), (128, 4, base, 2), (256, 8, base, None)]
+    settings = [(128, w, base, None) for w in (2, 4, 8)] + [(128, 4, sp, None) for sp in (base // 2, 2 * base)]
+    settings += [(128, 4, base, st) for st in (1, 2, 3, 4)] + [(64, 4, base, None), (32, 4, base, None)]
     rows = []
     for block_n, warps, splits, stages in settings:
         setting = dict(block_n=block_n, num_warps=warps, splits=splits, num_stages=stages)
@@ -153,7 +153,8 @@ def check_prefill(spec: Spec, rotated: bool, length: int = 32768, chunk: int = 5
 
 def check_pack(spec: Spec, rotated: bool, batch: int = 8) -> dict:
     """One block of G tokens per (sequence, head) out of a wrapped ring: codes against the twin, time."""
-    f16 = torch.float16
+    f16, G = torch.float16, spec.block
+    R = W + G
     ring_k, ring_v = (torch.randn(batch, HKV, R, D, device=DEV, dtype=f16) for _ in range(2))
     args, kw, n_hist = make_state(spec, False, batch, 8192)
     hist = args[4]
@@ -238,9 +239,9 @@ def decode_rows(result: dict, names: list[str], out: Path) -> None:
 
 def other_checks(result: dict, out: Path) -> None:
     checks = [(f"store_{preset}", lambda preset=preset: check_store(preset)) for preset in ("k4v2", "rotatekv")]
-    checks += [(f"prefill_{name}", lambda name=name: check_prefill(*PRESETS[name])) for name in ("k4v2", "rotatekv2")]
+    checks += [(f"prefill_{name}", lambda name=name: check_prefill(*PRESETS[name])) for name in ("k4v2", "rotatekv")]
     checks += [(f"pack_{name}", lambda name=name: check_pack(*PRESETS[name]))
-               for name in ("k4v2", "skvq2", "rotatekv2")]
+               for name in ("k4v2", "skvq", "rotatekv")]
     for key, fn in checks:
         try:
             result[key] = fn()
@@ -253,21 +254,24 @@ def other_checks(result: dict, out: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--presets", nargs="+", default=list(PRESETS), choices=list(PRESETS))
+    ap.add_argument("--sweep", nargs="*", default=["k4v2", "kivi2"], help="presets whose launch settings to sweep")
+    ap.add_argument("--no-checks", action="store_true", help="skip the prefill, pack and store checks")
     opts = ap.parse_args()
     opts.out.mkdir(parents=True, exist_ok=True)
     props = torch.cuda.get_device_properties(0)
     result = dict(gpu=props.name, torch=torch.__version__, triton=triton.__version__, copy_bw=copy_bandwidth(),
                   rows=[])
     print(f"{props.name}: copy bandwidth {result['copy_bw'] / 1e12:.2f} TB/s", flush=True)
-    decode_rows(result, ["k4v2", "kivi2"], opts.out)  # the targets first, then correctness, then the rest
-    other_checks(result, opts.out)
+    decode_rows(result, opts.presets, opts.out)
+    if not opts.no_checks:
+        other_checks(result, opts.out)
     for row in result["rows"]:
-        if (row["batch"], row["length"]) == (8, 32768) and "error" not in row:
+        if (row["batch"], row["length"]) == (8, 32768) and "error" not in row and row["preset"] in opts.sweep:
             args, kw, _ = make_state(*PRESETS[row["preset"]], 8, 32768)
-            row["sweep"] = sweep(args, kw, 8, 32768, full=row["preset"] == "k4v2")
+            row["sweep"] = sweep(args, kw, 8, 32768)
             print("sweep", row["preset"], json.dumps(row["sweep"]), flush=True)
             (opts.out / "decode_attention.json").write_text(json.dumps(result, indent=1))
-    decode_rows(result, ["skvq2", "rotatekv2"], opts.out)
     result.pop("_sdpa")
     (opts.out / "decode_attention.json").write_text(json.dumps(result, indent=1))
     table = markdown(result)
