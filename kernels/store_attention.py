@@ -1,12 +1,15 @@
 """The bridge between minikv.qstore.QuantizedStore and the kernels: attention of one layer's new
-tokens (decode or a prefill chunk), and moving full blocks from the window into the history.
+tokens (a decode step, or a chunk), and moving full blocks from the window into the history.
 
 The store keeps history keys in a stored space (pre-RoPE, Hadamard-rotated, channel-permuted, each
 optional). Post-RoPE keys fold all of that into the query once; pre-RoPE keys hand the kernel a
 per-head matrix back to pre-RoPE attention space, applied in registers before RoPE. Rotated values
-are mapped back once, on the summed output.
+are mapped back once, on the summed output. Those matrices are computed once per layer and kept on
+the store, so a decode step allocates nothing but the kernels' outputs.
 """
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -32,9 +35,16 @@ def spec(store, layer: int) -> Spec:
     return Spec(store.head_dim, plan.bits_k, plan.bits_v, s.key_axis == "channel", s.group, s.group_k, s.group_v)
 
 
-def _history(store, layer: int) -> History:
-    return History(store.hist_k[layer], store.hist_v[layer], store.k_scale[layer], store.k_zero[layer],
-                   store.v_scale[layer], store.v_zero[layer])
+def _history(store, layer: int, rows: slice = slice(None)) -> History:
+    """One layer's packed history, of the sequences `rows` (views: the batch is the leading dim)."""
+    return History(store.hist_k[layer][rows], store.hist_v[layer][rows], store.k_scale[layer][rows],
+                   store.k_zero[layer][rows], store.v_scale[layer][rows], store.v_zero[layer][rows])
+
+
+def _cached(store, key: tuple, make: Callable[[], Tensor | None]) -> Tensor | None:
+    if key not in store._matrices:
+        store._matrices[key] = make()
+    return store._matrices[key]
 
 
 def _query_to_stored(store, layer: int, q: Tensor) -> Tensor:
@@ -82,50 +92,54 @@ def _prerope_to_stored(store, layer: int) -> Tensor | None:
     return m.contiguous()
 
 
-def attend(store, layer: int, q: Tensor, k: Tensor, v: Tensor, start: int) -> Tensor:
-    """Attention of T new tokens per sequence (q (B, Hq, T, D), k, v (B, H, T, D) at positions
-    start..) over what the store holds plus, causally, themselves. A single token is written into
-    its sink or ring slot first (the ring always has a free slot for it) and read from there; the
-    store's append, which the caller runs next, writes it again and moves full blocks."""
-    B, T = q.shape[0], q.shape[2]
+def _kwargs(store, layer: int, q: Tensor) -> dict:
+    """The attention kernels' keyword arguments that fold the stored space away."""
     s = store.settings
-    n_hist = store.n_hist(start)
-    full = lambda n: torch.full((B,), n, device=q.device, dtype=torch.int32)  # noqa: E731
     kw = {}
     if s.prerope:
-        kw["rope"] = PreRope(store.rope_cos, store.rope_sin, full(store.hist_pos0))
-        kw["key_matrix"] = _stored_to_prerope(store, layer)
+        kw["rope"] = PreRope(store.rope_cos, store.rope_sin, store.pos0)
+        kw["key_matrix"] = _cached(store, ("to_prerope", layer), lambda: _stored_to_prerope(store, layer))
     elif s.rotate_k or store.perms[layer] is not None:
         kw["q_hist"] = _query_to_stored(store, layer, q)
     if s.rotate_v:
         kw["value_matrix"] = store.hadamard
-    held = (store.sink_k[layer], store.sink_v[layer])
-    ring = (store.win_k[layer], store.win_v[layer])
-    if T > 1:
-        return prefill_attention(q.contiguous(), k.contiguous(), v.contiguous(), *held, full(start),
-                                 _history(store, layer), spec(store, layer), full(n_hist), *ring, **kw)
-    if start < store.n_sink:
-        store.sink_k[layer][:, :, start], store.sink_v[layer][:, :, start] = k[:, :, 0], v[:, :, 0]
-    else:
-        slot = (start - store.n_sink) % store.ring
-        store.win_k[layer][:, :, slot], store.win_v[layer][:, :, slot] = k[:, :, 0], v[:, :, 0]
+    return kw
+
+
+def attend(store, layer: int, q: Tensor, k: Tensor, v: Tensor, start: int) -> Tensor:
+    """Attention of a chunk of T new tokens per sequence (q (B, Hq, T, D), k, v (B, H, T, D) at
+    positions start.., the same for every sequence) over what the store holds plus, causally,
+    themselves; the store's append writes them next."""
+    B = q.shape[0]
+    full = lambda n: torch.full((B,), n, device=q.device, dtype=torch.int32)  # noqa: E731
+    return prefill_attention(q.contiguous(), k.contiguous(), v.contiguous(), store.sink_k[layer], store.sink_v[layer],
+                             full(start), _history(store, layer), spec(store, layer), full(store.n_hist(start)),
+                             store.win_k[layer], store.win_v[layer], **_kwargs(store, layer, q))
+
+
+def decode(store, layer: int, q: Tensor) -> Tensor:
+    """Attention of one new token per sequence, q (B, Hq, 1, D), already written into its ring slot,
+    over what the store holds. Fill levels come from the device (store.step_lengths, step_n_hist),
+    so the launch fits any lengths, per sequence, and a CUDA graph can replay it; the split count
+    follows the history's capacity, not its fill."""
+    kw = _kwargs(store, layer, q)
     if "q_hist" in kw:
         kw["q_hist"] = kw["q_hist"][:, :, 0]
-    return decode_attention(q[:, :, 0].contiguous(), *held, full(start + 1), _history(store, layer),
-                            spec(store, layer), full(n_hist), *ring, n_tokens_hint=n_hist, **kw)[:, :, None]
+    return decode_attention(q[:, :, 0].contiguous(), store.sink_k[layer], store.sink_v[layer], store.step_lengths,
+                            _history(store, layer), spec(store, layer), store.step_n_hist, store.win_k[layer],
+                            store.win_v[layer], **kw)[:, :, None]
 
 
-def flush(store, layer: int, k: Tensor, v: Tensor, a: int, b: int) -> None:
-    """Quantize attention-space keys and values (B, H, b-a, D) of positions hist_pos0+a.. into
-    history rows a..b-1, in one launch (the store's _write, fused)."""
+def flush(store, layer: int, k: Tensor, v: Tensor, a: int, b: int, src0: int = 0, rows: slice = slice(None)) -> None:
+    """Quantize attention-space keys and values of positions hist_pos0+a.. into history rows a..b-1
+    of the sequences `rows`, in one launch (the store's _write, fused): b-a rows of k, v
+    (B', H, S, D) from row src0 on, wrapping modulo S (so straight from the ring)."""
     s, plan = store.settings, store.plans[layer]
-    B = k.shape[0]
     kw = {}
     if s.prerope:
-        kw["rope"] = PreRope(store.rope_cos, store.rope_sin,
-                             torch.full((B,), store.hist_pos0, device=k.device, dtype=torch.int32))
-    kw["key_matrix"] = _prerope_to_stored(store, layer)
+        kw["rope"] = PreRope(store.rope_cos, store.rope_sin, store.pos0[rows])
+    kw["key_matrix"] = _cached(store, ("to_stored", layer), lambda: _prerope_to_stored(store, layer))
     if s.rotate_v:
         kw["value_matrix"] = store.hadamard
-    quantize_pack(k.contiguous(), v.contiguous(), 0, b - a, _history(store, layer), a, spec(store, layer),
+    quantize_pack(k.contiguous(), v.contiguous(), src0, b - a, _history(store, layer, rows), a, spec(store, layer),
                   plan.clip_k, plan.clip_v, **kw)

@@ -3,9 +3,10 @@
 At batch 1 a decode step is a few hundred small kernels whose launch cost, not memory
 bandwidth, sets the speed. Replaying them as one graph removes that cost. A graph fixes
 every tensor's address and shape, so it needs a store whose attention shapes never depend
-on how many tokens it holds (`store.static`, e.g. `FullPrecisionStore(static=True)`), and
-inputs copied into buffers it owns. The store's host-side bookkeeping (`advance`) stays
-outside the graph.
+on how many tokens it holds (`store.static`: `FullPrecisionStore(static=True)`, or a
+QuantizedStore through its kernels), and inputs copied into buffers it owns. The store's
+host-side bookkeeping (`advance`) stays outside the graph, and a step the store cannot run
+from the device alone (`store.replayable()`: a quantized store's sink tokens) runs eagerly.
 """
 from __future__ import annotations
 
@@ -15,14 +16,15 @@ import torch
 from torch import Tensor
 
 from minikv.errors import MinikvError
-from minikv.store import KVStore
+from minikv.store import FullPrecisionStore, KVStore
 
 
 class GraphDecodeStep:
     """Callable (ids (B, 1), positions (B, 1)) -> logits (B, V), replaying a captured forward.
 
-    Captured lazily at the first call, with that call's real inputs: the warm-up runs then
-    write exactly what the replay writes, so capturing never puts garbage in the store.
+    Captured lazily at the first call the store can replay, with that call's real inputs: the
+    warm-up runs then write exactly what the replay writes, so capturing never puts garbage in
+    the store. Calls it cannot replay run the model eagerly.
     The returned logits are the graph's own output buffer, overwritten by the next call."""
 
     def __init__(self, model: torch.nn.Module, store: KVStore, compile: bool = False, warmup: int = 3) -> None:
@@ -30,7 +32,8 @@ class GraphDecodeStep:
         # torch.compile fuses the small elementwise kernels (norms, RoPE, SiLU, residuals, the mask) that
         # otherwise cost more than the matrix-vector products at batch 1; the graph is still ours.
         self.compile = compile
-        self.model = torch.compile(model, fullgraph=True, dynamic=False) if compile else model
+        self.eager = model
+        self.model = compiled(model, store) if compile else model
         self.graph: torch.cuda.CUDAGraph | None = None
         self.ids = self.positions = self.logits = None
 
@@ -60,6 +63,8 @@ class GraphDecodeStep:
 
     @torch.inference_mode()
     def __call__(self, ids: Tensor, positions: Tensor) -> Tensor:
+        if not self.store.replayable():
+            return self.eager(ids, positions, self.store, last_only=True)[:, -1]
         if self.graph is None:
             self._capture(ids, positions)
         else:
@@ -67,6 +72,13 @@ class GraphDecodeStep:
             self.positions.copy_(positions)
         self.graph.replay()
         return self.logits
+
+
+def compiled(model: torch.nn.Module, store: KVStore) -> torch.nn.Module:
+    """torch.compile'd model for `store`. A quantized store's attention launches Triton kernels from
+    Python and keeps host bookkeeping, so it runs outside the compiled code (torch.compiler.disable,
+    in QuantizedStore): graph breaks around it, still one CUDA graph around the whole step."""
+    return torch.compile(model, fullgraph=isinstance(store, FullPrecisionStore), dynamic=False)
 
 
 def check_graphable(store: KVStore) -> None:

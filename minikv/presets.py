@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,10 @@ from minikv.quant import BITS
 from minikv.store import FullPrecisionStore, KVStore
 
 CALIBRATION_FILE = "kv_calibration.json"
+
+# --kv-attention: QuantizedStore's `kernels` argument. Measuring one store both ways compares the
+# kernels' perplexity with the reference's; "triton" on the CPU needs TRITON_INTERPRET=1 (CI).
+ATTENTION = {"auto": None, "triton": True, "reference": False}
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,7 @@ class KVSettings:
     budget: float | None = None  # average code bits; per-layer K/V bits from calibrated norms
     mikv: tuple[int, float] | None = None  # (hi_bits, fraction of tokens per block kept at hi_bits)
     calib: str | None = None  # calibration file
+    attention: str = "auto"  # how a quantized store attends (ATTENTION); not what it holds
     name: str = "custom"
 
     @classmethod
@@ -75,6 +81,8 @@ class KVSettings:
             raise MinikvError(f"the KV window ({self.window}) must be a multiple of the group ({self.group})")
         if self.n_sink < 0:
             raise MinikvError(f"the number of sink tokens must be >= 0, not {self.n_sink}")
+        if self.attention not in ATTENTION:
+            raise MinikvError(f"the KV attention must be one of {', '.join(ATTENTION)}, not {self.attention!r}")
         if self.key_axis not in ("channel", "token"):
             raise MinikvError(f"the key axis must be 'channel' or 'token', not {self.key_axis!r}")
         for clip in (self.clip_k, self.clip_v):
@@ -110,6 +118,8 @@ class KVSettings:
         extras += [f"clip {c}" for c in {self.clip_k, self.clip_v} if c != 1.0]
         if self.mikv:
             extras.append(f"MiKV {self.mikv[0]}-bit {self.mikv[1]:g}")
+        if self.attention != "auto":
+            extras.append(f"{self.attention} attention")
         return f"{self.name}: {bits}, " + ", ".join(extras)
 
 
@@ -198,6 +208,10 @@ def add_kv_arguments(parser: argparse.ArgumentParser) -> None:
                    help="quantize keys before RoPE (applied again after dequantization)")
     g.add_argument("--kv-mikv", type=_mikv, metavar="HI_BITS,FRACTION", default=False,
                    help="keep this fraction of each block's most-attended tokens at HI_BITS; 'none' turns it off")
+    g.add_argument("--kv-attention", choices=list(ATTENTION),
+                   help="quantized cache attention: 'triton' kernels read the packed cache (on the CPU only under "
+                        "TRITON_INTERPRET=1), 'reference' dequantizes it for PyTorch attention (no CUDA graph), "
+                        "'auto' (default) the kernels on cuda, the reference on cpu")
     g.add_argument("--kv-calib", metavar="FILE",
                    help=f"calibration file (default: {CALIBRATION_FILE} in the model folder, if present)")
 
@@ -207,7 +221,7 @@ def kv_settings_from_args(args: argparse.Namespace) -> KVSettings:
     o: dict = {}
     for flag, field in (("kv_bits_k", "bits_k"), ("kv_bits_v", "bits_v"), ("kv_window", "window"),
                         ("kv_sinks", "n_sink"), ("kv_key_axis", "key_axis"), ("kv_reorder", "reorder"),
-                        ("kv_budget", "budget"), ("kv_prerope", "prerope")):
+                        ("kv_budget", "budget"), ("kv_prerope", "prerope"), ("kv_attention", "attention")):
         if getattr(args, flag) is not None:
             o[field] = getattr(args, flag)
     if args.kv_group is not None:
@@ -270,8 +284,9 @@ def plan_layers(cfg: ModelConfig, settings: KVSettings) -> list:
 
 def make_store(cfg: ModelConfig, settings: KVSettings | str, batch: int, capacity: int, dtype: torch.dtype,
                device: torch.device | str, static: bool = False) -> KVStore:
-    """The store the settings describe. A quantized store's reference path is not capturable in a
-    CUDA graph, so it reports static=False whatever `static` asks."""
+    """The store the settings describe. `static`: one a CUDA graph can replay (the full-precision
+    store then attends over its whole capacity). A quantized store is static, whatever `static`
+    asks, when the kernels cover every layer on CUDA, and otherwise not (its reference path)."""
     if isinstance(settings, str):
         settings = KVSettings.from_preset(settings)
     if not settings.quantized:
@@ -281,5 +296,9 @@ def make_store(cfg: ModelConfig, settings: KVSettings | str, batch: int, capacit
     from minikv.qstore import QuantizedStore
 
     settings.validate(cfg.head_dim)
+    cpu = torch.device(device).type == "cpu"
+    if settings.attention == "triton" and cpu and os.environ.get("TRITON_INTERPRET") != "1":
+        raise MinikvError("Triton kernels on the CPU need TRITON_INTERPRET=1 in the environment")
     return QuantizedStore(cfg.n_layers, batch, capacity, cfg.n_kv_heads, cfg.head_dim, cfg.sliding_window, dtype,
-                          device, settings=settings, plans=plan_layers(cfg, settings), rope=rope_tables(cfg, capacity))
+                          device, settings=settings, plans=plan_layers(cfg, settings), rope=rope_tables(cfg, capacity),
+                          kernels=ATTENTION[settings.attention])

@@ -40,11 +40,22 @@ enough that the history never overflows; `room()` is what is left of `capacity` 
 past it raises ContextFull (the caller decides what to drop), so nothing is evicted or
 silently overwritten.
 
-On the CPU the store also keeps a position-indexed mirror `view_k/view_v` (B, H, capacity, D)
-of what attention sees (sinks and window exact, history dequantized once when it is written),
-so the reference attention is one masked SDPA call; it is a compute aid, not counted in nbytes
-(`working_nbytes()` reports it, and `run -v` / `/stats` show it). Without it the CPU path would
-dequantize the whole history at every step.
+Attention runs through the Triton kernels (kernels.store_attention; by default on CUDA) or
+through the PyTorch reference below (`kernels` chooses). Through the kernels a decode step (one
+token per sequence) reads every fill level from the device, from `positions`: the new token goes
+into its ring slot by device-side indexing and the kernel gets per-sequence lengths and history
+sizes, so the sequences of a batch may hold different lengths and the step can be replayed as one
+CUDA graph (`static`). The blocks such a step fills move to the history in `advance()`, on the
+host, outside the graph; until then the ring (R = W + G) still has room for them. Sinks are
+written by prefill, or by eager decode steps that read the host lengths: a replayable step needs
+every sequence past its sinks (`replayable()`). Chunks of several tokens, and the reference path,
+need every sequence at the same length.
+
+With the reference path on the CPU the store also keeps a position-indexed mirror `view_k/view_v`
+(B, H, capacity, D) of what attention sees (sinks and window exact, history dequantized once when
+it is written), so the reference attention is one masked SDPA call; it is a compute aid, not
+counted in nbytes (`working_nbytes()` reports it, and `run -v` / `/stats` show it). Without it the
+CPU path would dequantize the whole history at every step.
 """
 from __future__ import annotations
 
@@ -93,17 +104,22 @@ def attention_with_mass(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) ->
 
 
 class QuantizedStore(KVStore):
-    derived = ("rope_cos", "rope_sin", "hadamard", "perms", "inv_perms", "view_k", "view_v")
+    derived = ("rope_cos", "rope_sin", "hadamard", "perms", "inv_perms", "view_k", "view_v", "pos0", "step_lengths",
+               "step_n_hist")
+    per_sequence = BUFFERS + ("view_k", "view_v", "pos0", "step_lengths", "step_n_hist", "_slot")
 
     def __init__(self, n_layers: int, batch: int, capacity: int, n_kv_heads: int, head_dim: int,
                  window: int | None, dtype: torch.dtype, device: torch.device | str, *, settings: KVSettings,
-                 plans: list[LayerPlan], rope: tuple[Tensor, Tensor], mirror: bool | None = None) -> None:
+                 plans: list[LayerPlan], rope: tuple[Tensor, Tensor], kernels: bool | None = None,
+                 mirror: bool | None = None) -> None:
         """rope: the model's (cos, sin) tables covering `capacity` positions (minikv.model.rope_tables).
-        mirror: keep the dequantized CPU mirror (default: on the CPU only)."""
+        kernels: attend through the Triton kernels where they cover a layer (default: on CUDA; on the
+        CPU they need TRITON_INTERPRET=1), else through the PyTorch reference.
+        mirror: keep the dequantized mirror for the reference path (default: on the CPU without kernels;
+        a store with the mirror never uses the kernels)."""
         super().__init__(n_layers, batch, capacity, n_kv_heads, head_dim, window, dtype, device)
         s = self.settings = settings
         self.plans = plans
-        self.static = False  # attention shapes follow the length and blocks move inside attend: no CUDA graph
         self.n_sink, self.window, self.group = s.n_sink, s.window, s.group
         self.ring = s.window + s.group
         self.hist_pos0 = s.n_sink
@@ -118,10 +134,37 @@ class QuantizedStore(KVStore):
             setattr(self, name, [])
         for plan in plans:
             self._allocate(plan)
-        mirror = self.device.type == "cpu" if mirror is None else mirror
+        use_kernels = self.device.type == "cuda" if kernels is None else kernels
+        mirror = self.device.type == "cpu" and not use_kernels if mirror is None else mirror
+        if mirror and kernels:
+            raise ValueError("the dequantized mirror serves the reference path, not the kernels")
         shape = (batch, n_kv_heads, capacity, head_dim)
         self.view_k = [self._zeros(shape, dtype) for _ in plans] if mirror else []
         self.view_v = [self._zeros(shape, dtype) for _ in plans] if mirror else []
+        self._kernels = None  # kernels.store_attention, imported only when used (Triton)
+        if use_kernels and not mirror:
+            from kernels import store_attention
+
+            self._kernels = store_attention
+            # torch.compile (GraphDecodeStep) runs the kernel path as it is: Triton launches, host bookkeeping.
+            # Not a decorator: importing torch._dynamo imports Triton, which must follow TRITON_INTERPRET;
+            # unbound, so that the store holds no reference to itself.
+            self._kernel_path = torch.compiler.disable(QuantizedStore._kernel_attend)
+        self._fast = [self._kernels is not None and self._kernels.supported(self, layer) for layer in range(n_layers)]
+        self._first_fast = self._fast.index(True) if any(self._fast) else -1
+        # A graph replays the kernel path's decode step only: every layer on it, on CUDA.
+        self.static = all(self._fast) and self.device.type == "cuda"
+        # The decode step's fill levels on the device, set once per step from `positions` (_begin_step):
+        # fixed buffers, so a captured graph reads them at the same addresses.
+        int32 = dict(dtype=torch.int32, device=self.device)
+        self.pos0 = torch.full((batch,), self.hist_pos0, **int32)  # history row 0's position, per sequence
+        self.step_lengths = torch.zeros(batch, **int32)  # tokens held after the new one
+        self.step_n_hist = torch.zeros(batch, **int32)
+        self._slot = torch.zeros(batch, dtype=torch.long, device=self.device)  # the new token's ring slot
+        self._stepped: list[int] | None = None  # the host lengths the step was set for
+        self._rows = torch.arange(batch, device=self.device)
+        self._matrices: dict = {}  # kernels.store_attention's per-layer constants
+        self._row_views: dict[int, QuantizedStore] = {}  # reference decode of sequences at different lengths
 
     # ---- allocation and sizes ---------------------------------------------------------------
 
@@ -184,6 +227,12 @@ class QuantizedStore(KVStore):
         for layer in range(len(self.view_k)):
             n = self.length
             self.view_k[layer][:, :, :n], self.view_v[layer][:, :, :n] = self._held(layer, n)
+
+    def _plain(self) -> dict:
+        """How it attends is not what it holds: a session saved one way loads the other."""
+        out = super()._plain()
+        out["settings"].pop("attention", None)
+        return out
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for name in BUFFERS for t in getattr(self, name))
@@ -325,9 +374,8 @@ class QuantizedStore(KVStore):
 
     def _flush(self, layer: int, k: Tensor, v: Tensor, a: int, b: int, mass: Tensor | None) -> None:
         """Move full-precision tokens k, v (B, H, b-a, D) into history slots [a, b)."""
-        fast = self._kernels(layer, k)
-        if fast is not None:  # one fused quantize-and-pack launch
-            fast.flush(self, layer, k, v, a, b)
+        if self._fast[layer]:  # one fused quantize-and-pack launch
+            self._kernels.flush(self, layer, k, v, a, b)
             return
         plan = self.plans[layer]
         pos = torch.arange(self.hist_pos0 + a, self.hist_pos0 + b, device=self.device)
@@ -362,23 +410,36 @@ class QuantizedStore(KVStore):
         keys, values = self._held(layer, start)
         return torch.cat([keys, k], 2), torch.cat([values, v], 2)
 
-    def _kernels(self, layer: int, x: Tensor):
-        """kernels.store_attention where the Triton kernels cover this layer on x's device, else None."""
-        if not x.is_cuda or self.view_k:
-            return None
-        from kernels import store_attention  # Triton: imported on CUDA only
+    def _start(self) -> int:
+        """The length every sequence holds: chunks of several tokens (and the reference path) need one."""
+        start = self.lengths[0]
+        if self.lengths.count(start) != self.batch:
+            raise ValueError("the sequences of a quantized store take chunks of several tokens together")
+        return start
 
-        return store_attention if store_attention.supported(self, layer) else None
+    def rows(self, start: int, stop: int) -> "QuantizedStore":
+        view = super().rows(start, stop)
+        view._rows, view._stepped, view._row_views = self._rows[:stop - start], None, {}
+        return view
+
+    def _row(self, b: int) -> "QuantizedStore":
+        """Sequence b as a store of its own (cached), its length refreshed from ours."""
+        if b not in self._row_views:
+            self._row_views[b] = self.rows(b, b + 1)
+        view = self._row_views[b]
+        view.lengths = self.lengths[b:b + 1]
+        return view
+
+    def replayable(self) -> bool:
+        return self.static and min(self.lengths) >= self.n_sink
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
-        start, T = self.lengths[0], k.shape[2]
-        if self.lengths.count(start) != self.batch:
-            raise ValueError("the sequences of a quantized store advance together")
-        fast = self._kernels(layer, q)
-        if fast is not None:  # Triton on CUDA (kernels/): the same attention, read from the packed store
-            out = fast.attend(self, layer, q, k, v, start)
-            self._append(layer, k, v, start, None)
-            return out
+        if self._fast[layer]:
+            return self._kernel_path(self, layer, q, k, v, positions)
+        if k.shape[2] == 1 and len(set(self.lengths)) > 1:  # sequences at different lengths: one at a time
+            return torch.cat([self._row(b).attend(layer, q[b:b + 1], k[b:b + 1], v[b:b + 1], positions[b:b + 1])
+                              for b in range(self.batch)])
+        start, T = self._start(), k.shape[2]
         keys, values = self._visible(layer, k, v, start)
         single = T == 1 and self.sliding_window is None
         mask = None if single else causal_mask(positions, torch.arange(start + T, device=self.device),
@@ -395,6 +456,65 @@ class QuantizedStore(KVStore):
             out = reference_attention(q, keys, values, mask)
         self._append(layer, k, v, start, mass)
         return out
+
+    def _kernel_attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
+        """Through the Triton kernels: a decode step from the device-side fill levels, or a chunk."""
+        if k.shape[2] == 1:
+            if layer == self._first_fast or self._stepped != self.lengths:  # eager callers may skip layers
+                self._begin_step(positions[:, 0])
+            self._put(layer, k, v)
+            return self._kernels.decode(self, layer, q)
+        start = self._start()
+        out = self._kernels.attend(self, layer, q, k, v, start)
+        self._append(layer, k, v, start, None)
+        return out
+
+    def write(self, layer: int, k: Tensor, v: Tensor) -> None:
+        """Through attend's write path. MiKV picks its high-precision rows by attention mass, which
+        writing has none of: they go to arbitrary tokens of each block."""
+        T = k.shape[2]
+        if self._fast[layer] and T == 1:
+            self._begin_step(self.positions(1)[:, 0])
+            self._put(layer, k, v)
+            return
+        start = self._start()
+        if self.view_k:
+            self.view_k[layer][:, :, start:start + T], self.view_v[layer][:, :, start:start + T] = k, v
+        mass = torch.zeros(k.shape[:3], device=self.device) if self.n_hi else None
+        self._append(layer, k, v, start, mass)
+
+    def advance(self, n: int) -> None:
+        """A single token through the kernels was only written to the ring: the blocks it filled move
+        to the history now, one quantize-and-pack launch per layer and sequence (a batch row is a view)."""
+        if n == 1 and self._first_fast >= 0:
+            moves = [(b, self.n_hist(length)) for b, length in enumerate(self.lengths)
+                     if self.n_hist(length + 1) > self.n_hist(length)]
+            for layer in (layer for layer, fast in enumerate(self._fast) if fast):
+                for b, a in moves:
+                    self._kernels.flush(self, layer, self.win_k[layer][b:b + 1], self.win_v[layer][b:b + 1], a,
+                                        a + self.group, src0=a % self.ring, rows=slice(b, b + 1))
+        super().advance(n)
+
+    def _begin_step(self, start: Tensor) -> None:
+        """A decode step's fill levels from its positions (B,), on the device (the schedule in the
+        module docstring, per sequence); set once per step, read by every layer."""
+        S, W, G = self.n_sink, self.window, self.group
+        self._stepped = list(self.lengths)
+        self.step_lengths.copy_(start + 1)
+        self.step_n_hist.copy_((start - S - W).div(G, rounding_mode="floor").clamp(min=0) * G)
+        self._slot.copy_((start - S) % self.ring)
+
+    def _put(self, layer: int, k: Tensor, v: Tensor) -> None:
+        """Write one new token per sequence, k, v (B, H, 1, D), into its ring slot by device-side
+        indexing; while a sequence is still in its sinks (never in a replayed step), by host lengths."""
+        if min(self.lengths) >= self.n_sink:
+            self.win_k[layer][self._rows, :, self._slot] = k[:, :, 0]
+            self.win_v[layer][self._rows, :, self._slot] = v[:, :, 0]
+            return
+        for b, p in enumerate(self.lengths):
+            bk, bv, slot = (self.sink_k, self.sink_v, p) if p < self.n_sink else \
+                (self.win_k, self.win_v, (p - self.n_sink) % self.ring)
+            bk[layer][b, :, slot], bv[layer][b, :, slot] = k[b, :, 0], v[b, :, 0]
 
     def _append(self, layer: int, k: Tensor, v: Tensor, start: int, mass: Tensor | None) -> None:
         """Place new tokens at positions start.. : sinks, then the ring, flushing full blocks."""

@@ -9,6 +9,7 @@ history there). Nothing else about the cache leaks into the model.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from abc import ABC, abstractmethod
@@ -48,6 +49,9 @@ class KVStore(ABC):
         self.sliding_window = window  # the model's attention window (Mistral), not the store's ring
         self.dtype, self.device = dtype, torch.device(device)
         self.lengths = [0] * batch  # tokens held per sequence (host side, no device sync needed)
+        self._parent: tuple[KVStore, int] | None = None  # (store, first sequence) when this is a view of rows
+
+    per_sequence: tuple[str, ...] = ()  # attributes holding a tensor, or a list of them, whose dim 0 is the batch
 
     @property
     def length(self) -> int:
@@ -73,9 +77,31 @@ class KVStore(ABC):
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
         """Store k, v (B, Hkv, T, D) at `positions` (B, T); return attention of q (B, Hq, T, D)."""
 
+    @abstractmethod
+    def write(self, layer: int, k: Tensor, v: Tensor) -> None:
+        """Store k, v (B, Hkv, T, D) at the next positions as attend would, without attending (the
+        caller then calls `advance(T)`): filling a long context costs O(n), not a prefill's O(n^2)."""
+
+    def replayable(self) -> bool:
+        """Whether the next decode step may replay a captured CUDA graph (minikv.cuda_graph)."""
+        return self.static
+
     def advance(self, n: int) -> None:
         """Commit the n tokens that the last forward pass appended to every sequence."""
         self.lengths = [length + n for length in self.lengths]
+        if self._parent is not None:
+            parent, first = self._parent
+            parent.lengths[first:first + self.batch] = self.lengths
+
+    def rows(self, start: int, stop: int) -> "KVStore":
+        """Sequences start .. stop-1 as a store of their own that shares this one's memory: a view
+        whose writes and advances are this store's (e.g. to prefill one sequence of a batch)."""
+        view = copy.copy(self)
+        for name in self.per_sequence:
+            value = getattr(self, name)
+            setattr(view, name, [t[start:stop] for t in value] if isinstance(value, list) else value[start:stop])
+        view.batch, view.lengths, view._parent = stop - start, self.lengths[start:stop], (self, start)
+        return view
 
     def reset(self) -> None:
         self.lengths = [0] * self.batch
@@ -181,6 +207,7 @@ class FullPrecisionStore(KVStore):
     """Keys and values kept in the model's dtype, slot = position (gpt-fast's static cache)."""
 
     derived = ("slot_positions",)
+    per_sequence = ("k", "v")
 
     def __init__(self, *args, static: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -208,6 +235,11 @@ class FullPrecisionStore(KVStore):
         single_decode = T == 1 and B == 1 and not self.static and self.sliding_window is None
         mask = None if single_decode else causal_mask(positions, self.slot_positions[:n], self.sliding_window)
         return reference_attention(q, keys, values, mask)
+
+    def write(self, layer: int, k: Tensor, v: Tensor) -> None:
+        T = k.shape[2]
+        for b, start in enumerate(self.lengths):
+            self.k[layer][b, :, start:start + T], self.v[layer][b, :, start:start + T] = k[b], v[b]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)

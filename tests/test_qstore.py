@@ -185,8 +185,9 @@ def test_mikv_keeps_the_most_attended_token_precise():
 @pytest.mark.parametrize("name", ["kivi2", "mikv", "rotatekv"])
 def test_saved_state_restores_the_same_attention(name):
     s = KVSettings.from_preset(name, group=8, group_k=8, group_v=8, window=8, n_sink=2)
-    stores = [QuantizedStore(1, 1, 48, 2, 16, None, torch.float32, "cpu", settings=s, plans=[LayerPlan(s.bits_k, 16)],
-                             rope=rope_tables(rope_cfg(16), 48)) for _ in range(2)]
+    stores = [QuantizedStore(1, 1, 48, 2, 16, None, torch.float32, "cpu", settings=x, plans=[LayerPlan(s.bits_k, 16)],
+                             rope=rope_tables(rope_cfg(16), 48))
+              for x in (s, s.replace(attention="reference"))]  # how a store attends is not what it holds
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, 30, 16, generator=g) for _ in range(3))
     stores[0].attend(0, q[:, :, :29], k[:, :, :29], v[:, :, :29], stores[0].positions(29))
@@ -325,11 +326,42 @@ def test_flags_override_the_preset(tmp_path):
     parser.add_argument("-m", "--model", default=str(tmp_path))
     add_kv_arguments(parser)
     args = parser.parse_args(["--kv", "kivi2", "--kv-bits-k", "4", "--kv-group", "16", "--kv-window", "64",
-                              "--kv-rotate", "k", "--kv-clip", "0.9,calib", "--kv-prerope", "--kv-mikv", "8,0.25"])
+                              "--kv-rotate", "k", "--kv-clip", "0.9,calib", "--kv-prerope", "--kv-mikv", "8,0.25",
+                              "--kv-attention", "reference"])
     s = kv_settings_from_args(args)
     assert (s.bits_k, s.bits_v, s.group, s.group_k, s.window, s.rotate_k, s.rotate_v) == (4, 2, 16, 16, 64, True, False)
-    assert (s.clip_k, s.clip_v, s.prerope, s.mikv, s.calib) == (0.9, None, True, (8, 0.25), None)
+    assert (s.clip_k, s.clip_v, s.prerope, s.mikv, s.calib, s.attention) == (0.9, None, True, (8, 0.25), None,
+                                                                              "reference")
     (tmp_path / "kv_calibration.json").write_text("{}")
     assert kv_settings_from_args(parser.parse_args([])).calib == str(tmp_path / "kv_calibration.json")
     with pytest.raises(SystemExit):
         parser.parse_args(["--kv-bits-k", "5"])
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_rows_of_a_batch_decode_as_separate_stores(quantized):
+    """Sequences prefilled one at a time through row views, to different lengths, then decoded
+    together: each gives what a store of its own gives (the reference path decodes them one by one)."""
+    cfg = rope_cfg(16)
+    s = KVSettings.from_preset("kivi2", window=8, group=4, group_k=8, group_v=8, n_sink=2)
+    make = (lambda b: make_store(cfg, s, b, 64, torch.float32, "cpu")) if quantized else \
+        (lambda b: FullPrecisionStore(1, b, 64, 2, 16, None, torch.float32, "cpu"))
+    g = torch.Generator().manual_seed(0)
+    batch, alone = make(2), [make(1), make(1)]
+    for b, n in enumerate((23, 37)):  # both past a block move, at different ring offsets
+        view = batch.rows(b, b + 1)
+        q, k, v = torch.randn(1, 4, n, 16, generator=g), torch.randn(1, 2, n, 16, generator=g), \
+            torch.randn(1, 2, n, 16, generator=g)
+        for store in (view, alone[b]):
+            store.attend(0, q, k, v, store.positions(n))
+            store.advance(n)
+    assert batch.lengths == [23, 37]
+    for _ in range(6):  # across a block move of each sequence
+        q, k, v = torch.randn(2, 4, 1, 16, generator=g), torch.randn(2, 2, 1, 16, generator=g), \
+            torch.randn(2, 2, 1, 16, generator=g)
+        got = batch.attend(0, q, k, v, batch.positions(1))
+        batch.advance(1)
+        for b, store in enumerate(alone):
+            want = store.attend(0, q[b:b + 1], k[b:b + 1], v[b:b + 1], store.positions(1))
+            store.advance(1)
+            torch.testing.assert_close(got[b:b + 1], want)

@@ -1,0 +1,162 @@
+"""A QuantizedStore through the Triton kernels (kernels=True) against itself through the PyTorch
+reference: the device-side decode step (fill levels from `positions`, blocks moved in advance()),
+sequences of different lengths decoding together, and `write`.
+
+Runs on CPU through Triton's interpreter, so shapes are tiny: one layer, one KV head, D 32,
+G 8, W 8, 2 sinks (ring of 16), so a few dozen tokens cross several blocks and wrap the ring. The
+capacity is large enough that decode splits its history in two (splits follow the capacity).
+"""
+from __future__ import annotations
+
+import os
+from importlib.util import find_spec
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+import pytest
+import torch
+
+from minikv.config import ModelConfig  # noqa: E402
+from minikv.model import rope_tables  # noqa: E402
+from minikv.presets import KVSettings  # noqa: E402
+from minikv.qstore import BUFFERS, LayerPlan, QuantizedStore  # noqa: E402
+from minikv.store import FullPrecisionStore  # noqa: E402
+
+needs_triton = pytest.mark.skipif(find_spec("triton") is None, reason="the kernels need triton")
+
+D, N_KV, GROUP, CAP = 32, 1, 2, 600
+SMALL = dict(group=8, group_k=8, group_v=8, window=8, n_sink=2)
+PRESETS = {  # post-RoPE keys per channel; rotated pre-RoPE keys per channel
+    "kivi2": KVSettings.from_preset("kivi2", **SMALL),
+    "k4v2": KVSettings.from_preset("k4v2", **SMALL),
+}
+
+
+def make(settings: KVSettings, kernels: bool, batch: int = 1) -> QuantizedStore:
+    cfg = ModelConfig(vocab_size=10, dim=N_KV * GROUP * D, n_layers=1, n_heads=N_KV * GROUP, n_kv_heads=N_KV,
+                      hidden_dim=8, head_dim=D)
+    return QuantizedStore(1, batch, CAP, N_KV, D, None, torch.float32, "cpu", settings=settings,
+                          plans=[LayerPlan(settings.bits_k, settings.bits_v)], rope=rope_tables(cfg, CAP),
+                          kernels=kernels)
+
+
+def qkv(g: torch.Generator, T: int, batch: int = 1) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.randn(batch, h, T, D, generator=g) for h in (N_KV * GROUP, N_KV, N_KV))
+
+
+def step(store: QuantizedStore, q, k, v) -> torch.Tensor:
+    out = store.attend(0, q, k, v, store.positions(k.shape[2]))
+    store.advance(k.shape[2])
+    return out
+
+
+@needs_triton
+@pytest.mark.parametrize("name", PRESETS)
+def test_kernel_path_equals_reference_path(name):
+    """Prefill chunks and decode steps across three block moves (by decode step, by chunk, by decode
+    step), the ring wrapping twice: the same outputs through the kernels as through the reference."""
+    fast, ref = make(PRESETS[name], True), make(PRESETS[name], False)
+    assert fast.static is False and not fast.view_k and ref.view_k  # CPU: no graph; the mirror serves the reference
+    g = torch.Generator().manual_seed(0)
+    for T in [5, 1, 1, 1, 9, 1, 1, 1, 1, 1, 1, 6, 1, 1, 1, 1, 1, 1, 1, 1, 1]:  # 38 tokens; blocks move at 18, 26, 34
+        q, k, v = qkv(g, T)
+        torch.testing.assert_close(step(fast, q, k, v), step(ref, q, k, v), atol=1e-4, rtol=1e-4)
+    assert fast.n_hist(fast.length) == 24
+
+
+def _batch(stores: list[QuantizedStore]) -> QuantizedStore:
+    """One store holding each single-sequence store's contents as a batch row (their lengths differ)."""
+    out = make(stores[0].settings, True, len(stores))
+    for name in BUFFERS:
+        for layer, t in enumerate(getattr(out, name)):
+            if t.dim() > 1:
+                for b, s in enumerate(stores):
+                    t[b] = getattr(s, name)[layer][0]
+    out.lengths = [s.length for s in stores]
+    return out
+
+
+@needs_triton
+def test_sequences_of_different_lengths_decode_together():
+    """One sequence still in its sinks, the other past a block move, decode together (the first
+    into its ring, the second through another block move): each gets what it gets alone."""
+    s = PRESETS["kivi2"]
+    g = torch.Generator().manual_seed(1)
+    alone = [make(s, True), make(s, True)]
+    for store, T in zip(alone, (1, 19)):
+        step(store, *qkv(g, T))
+    both = _batch(alone)
+    for _ in range(9):  # lengths 1 -> 10 and 19 -> 28: the second moves a block at 26
+        q, k, v = qkv(g, 1, 2)
+        got = step(both, q, k, v)
+        for b, store in enumerate(alone):
+            torch.testing.assert_close(got[b:b + 1], step(store, q[b:b + 1], k[b:b + 1], v[b:b + 1]), atol=1e-5,
+                                       rtol=1e-5)
+    assert both.lengths == [10, 28] and both.n_hist(28) == 16
+
+
+@needs_triton
+def test_decode_step_reads_no_host_state():
+    """A replayed CUDA graph reruns the first step's launches with new `positions` only: run the
+    second step with the host lengths of the first (as the graph would see them), across a block
+    move that changes the history length and the ring slot, and get the eager results."""
+    s = PRESETS["k4v2"]
+    g = torch.Generator().manual_seed(2)
+    replay, eager = make(s, True), make(s, True)
+    prompt = qkv(g, 17)
+    for store in (replay, eager):
+        step(store, *prompt)
+    captured = list(replay.lengths)
+    for _ in range(2):  # 17 -> 18 moves a block, so the second step has 8 more history tokens
+        q, k, v = qkv(g, 1)
+        want = step(eager, q, k, v)
+        positions, lengths = replay.positions(1), replay.lengths
+        replay.lengths = captured
+        got = replay.attend(0, q, k, v, positions)
+        replay.lengths = lengths
+        replay.advance(1)
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert replay.n_hist(replay.length) == 8
+
+
+@pytest.mark.parametrize("kind", ["full", "reference", pytest.param("triton", marks=needs_triton)])
+def test_write_then_decode_equals_attending(kind):
+    """Filling a store with `write` leaves what attending leaves: the next decode step agrees."""
+    if kind == "full":
+        stores = [FullPrecisionStore(1, 1, CAP, N_KV, D, None, torch.float32, "cpu") for _ in range(2)]
+    else:
+        stores = [make(PRESETS["kivi2"], kind == "triton") for _ in range(2)]
+    written, attended = stores
+    g = torch.Generator().manual_seed(3)
+    for T in (11, 6, 1, 1):  # a block moves at 18, by a single token
+        q, k, v = qkv(g, T)
+        written.write(0, k, v)
+        written.advance(T)
+        step(attended, q, k, v)
+    q, k, v = qkv(g, 1)
+    torch.testing.assert_close(step(written, q, k, v), step(attended, q, k, v), atol=1e-6, rtol=1e-6)
+
+
+@needs_triton
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # from torch.compile's internals
+def test_compiled_model_leaves_the_store_attention_out():
+    """GraphDecodeStep(compile=True)'s model with a quantized store: torch.compile runs the kernel
+    path's attention as it is (a graph break, not traced) and gives the eager model's logits."""
+    from minikv.cuda_graph import compiled
+    from minikv.geometries import random_model
+    from minikv.presets import make_store
+
+    cfg = ModelConfig(vocab_size=64, dim=64, n_layers=2, n_heads=2, n_kv_heads=1, hidden_dim=64)
+    model = random_model(cfg, "cpu", torch.float32)
+    ids = torch.randint(0, 64, (1, 19), generator=torch.Generator().manual_seed(4))
+    outs = []
+    for compile_ in (False, True):
+        store = make_store(cfg, PRESETS["kivi2"].replace(attention="triton"), 1, 32, torch.float32, "cpu")
+        assert store._fast == [True, True]
+        m = compiled(model, store) if compile_ else model
+        with torch.no_grad():
+            for a, b in ((0, 17), (17, 18), (18, 19)):  # the first decode step moves a block
+                logits = m(ids[:, a:b], store.positions(b - a), store, last_only=True)
+                store.advance(b - a)
+        outs.append(logits)
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
