@@ -310,16 +310,18 @@ def decode_attention(q: Tensor, sink_k: Tensor, sink_v: Tensor, lengths: Tensor,
                      rope: PreRope | None = None, key_matrix: Tensor | None = None,
                      value_matrix: Tensor | None = None, scale: float | None = None, mass: Tensor | None = None,
                      splits: int | None = None, n_tokens_hint: int | None = None, block_n: int | None = None,
-                     block_w: int = 64, num_warps: int = 4, num_stages: int | None = None) -> Tensor:
+                     block_w: int = 64, num_warps: int | None = None, num_stages: int | None = None) -> Tensor:
     """Same arguments and result as kernels.reference.decode_attention, plus launch settings:
     `splits` (default: from `n_tokens_hint`, the longest history to expect, else the capacity) and
     `block_n` (default 128 tokens, 64 with a key matrix, whose product needs the registers: measured
-    1.7 -> 1.0 ms at B=8, S=32K, K4V2 on an H100)."""
+    1.7 -> 1.0 ms at B=8, S=32K, K4V2 on an H100) and `num_warps` (default 4, or 8 when the programs
+    do not fill the multiprocessors: 72 -> 55 us at B=1, S=1K, K4V2; 8 warps at B=8, S=32K: 2.5x slower)."""
     B, Hq, D = q.shape
     block_n = block_n or (64 if key_matrix is not None or rope is not None else 128)
     if splits is None:
         hint = hist.k.shape[2] if n_tokens_hint is None else n_tokens_hint
         splits = num_splits(B, sink_k.shape[1], hint, block_n)
+    num_warps = num_warps or (8 if B * sink_k.shape[1] * splits < _multiprocessors() else 4)
     return attention(q[:, :, None], None, None, sink_k, sink_v, lengths, hist, spec, n_hist, win_k, win_v,
                      q_hist=None if q_hist is None else q_hist[:, :, None], rope=rope, key_matrix=key_matrix,
                      value_matrix=value_matrix, scale=scale, mass=mass, splits=splits, block_m=1, block_n=block_n,
