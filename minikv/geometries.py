@@ -19,6 +19,10 @@ GEOMETRIES: dict[str, ModelConfig] = {
                              max_seq_len=4096),
     "mistral-7b": ModelConfig(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336,
                               max_seq_len=32768, sliding_window=4096, architecture="MistralForCausalLM"),
+    # v0.2 dropped the sliding window (which the kernels do not support): full attention over 32K.
+    "mistral-7b-v0.2": ModelConfig(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+                                   hidden_dim=14336, rope_theta=1e6, max_seq_len=32768,
+                                   architecture="MistralForCausalLM"),
     "llama3-8b": ModelConfig(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336,
                              rope_theta=500000.0, max_seq_len=8192),
 }

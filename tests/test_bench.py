@@ -9,13 +9,16 @@ from minikv import bench
 from minikv.cli import main as cli_main
 from minikv.config import ModelConfig
 from minikv.cuda_graph import GraphDecodeStep, enable_cuda_graph
-from minikv.errors import MinikvError
+from minikv.errors import ContextFull, MinikvError
 from minikv.generate import Engine
 from minikv.geometries import GEOMETRIES, random_model
 from minikv.model import Transformer
+from minikv.presets import KVSettings, make_store
 from tests.hf_reference import hf_model, save_folder
 
 TINY = dict(vocab_size=101, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96)
+# RotateKV (2-bit, rotated, pre-RoPE keys: every path of the history) with a window small enough for tiny stores
+SMALL_2BIT = KVSettings.from_preset("rotatekv", group=16, group_k=16, group_v=16, window=32)
 
 
 def tiny(device="cpu", **overrides):
@@ -56,7 +59,8 @@ def test_geometries_have_published_sizes():
     with torch.device("meta"):
         params = {name: sum(t.numel() for t in Transformer(cfg).parameters()) for name, cfg in GEOMETRIES.items()}
     assert round(params["llama2-7b"] / 1e9, 2) == 6.74
-    assert round(params["mistral-7b"] / 1e9, 2) == 7.24
+    assert round(params["mistral-7b"] / 1e9, 2) == round(params["mistral-7b-v0.2"] / 1e9, 2) == 7.24
+    assert GEOMETRIES["mistral-7b-v0.2"].sliding_window is None
     assert round(params["llama3-8b"] / 1e9, 2) == 8.03
     assert round(params["smollm2-135m"] / 1e6, 1) == 134.5
 
@@ -64,11 +68,22 @@ def test_geometries_have_published_sizes():
 def test_fill_store_writes_through_the_store():
     model = tiny()
     store = store_for(model, batch=2, capacity=40)
-    bench.fill_store(store, 30, model.config.n_heads, chunk=7)
+    bench.fill_store(store, 30, chunk=7)
     assert store.lengths == [30, 30]
     for layer in range(model.config.n_layers):
         written = store.k[layer][:, :, :30].abs().amax(dim=(1, 3))
         assert (written > 0).all() and store.k[layer][:, :, 30:].eq(0).all()
+    with pytest.raises(ContextFull):
+        bench.fill_store(store, 11)
+
+
+def test_fill_store_packs_a_quantized_history():
+    model = tiny()
+    store = make_store(model.config, SMALL_2BIT, 1, 200, torch.float32, "cpu")
+    bench.fill_store(store, 150, chunk=64)
+    assert store.length == 150 and store.n_hist(150) == 112
+    keys, _ = store.dequantized_history(1, raw=True)
+    assert keys.shape[2] == 112 and keys.abs().amax(dim=(0, 1, 3)).gt(0).all()  # every history row written
 
 
 def test_decode_bench_record_and_row():
@@ -103,6 +118,52 @@ def test_bench_command_writes_json_and_row(tmp_path):
     record = json.loads((out / "t.json").read_text())
     assert record["model"] == "model" and record["ours"]["decode_tps"] > 0
     assert len((out / "runs.md").read_text().splitlines()) == 4  # header, rule, two rows
+
+
+@pytest.mark.parametrize("settings", ["fp16", SMALL_2BIT])
+def test_capacity_fills_the_budget_and_attention_matches(settings):
+    model = tiny()
+    factory = lambda b, c, s: make_store(model.config, settings, b, c, torch.float32, "cpu", static=s)  # noqa: E731
+    budget = 400_000
+    store, search = bench.find_capacity(model, factory, budget, False, probe=64, margin=0.05)
+    reserve = search["reserve_bytes"]
+    assert reserve == int(0.05 * budget)  # no decode workspace is measured on the CPU
+    assert bench.footprint(model, store) + reserve <= budget
+    assert bench.footprint(model, factory(1, int(1.05 * store.capacity), False)) + reserve > budget  # nearly all
+    record = bench.run(options(model, capacity={"x": factory}, memory_budget=budget, capacity_probe=64,
+                                 capacity_margin=0.05))
+    r = record["capacity"]["x"]
+    assert r["capacity_tokens"] == store.capacity and r["decode_ms_per_step"] > 0
+    check = r["spot_check"]
+    assert check["tokens"] == store.capacity and len(check["layers"]) == len(check["kv_heads"]) == 2
+    assert check["max_abs_error"] < 1e-5 * check["max_abs_reference"]
+    assert bench.capacity_rows(record)[0].count("|") == bench.CAPACITY_HEADER.splitlines()[0].count("|")
+    assert "x: " in bench.summary(record)
+
+
+def test_spot_check_sees_attention_over_wrong_contents():
+    model = tiny()
+    store = make_store(model.config, SMALL_2BIT, 1, 300, torch.float32, "cpu")
+    bench.fill_store(store, 290)
+    for layer in range(model.config.n_layers):  # what the CPU store attends over, not what it holds
+        store.view_v[layer][:, :, 100] += 1000.0
+    check = bench.spot_check(store, model.config.n_heads)
+    assert check["max_abs_error"] > 1e-2
+
+
+def test_bench_command_capacity(tmp_path):
+    hf, _ = hf_model("llama-gqa")
+    save_folder(hf, tmp_path / "model")
+    out = tmp_path / "out"
+    argv = ["bench", "-m", str(tmp_path / "model"), "--device", "cpu", "-n", "2", "--capacity", "fp16", "kivi2",
+            "--kv-group", "8", "--memory-budget", "3000000", "--out", str(out), "--tag", "cap"]
+    assert cli_main(argv) == 0
+    record = json.loads((out / "cap.json").read_text())
+    assert record["mode"] == "capacity" and list(record["capacity"]) == ["fp16", "kivi2"]
+    fp16, kivi2 = record["capacity"]["fp16"], record["capacity"]["kivi2"]
+    assert fp16["capacity_tokens"] > kivi2["capacity_tokens"] > 1024  # on the CPU the fp32 mirror comes on top
+    assert len((out / "capacity.md").read_text().splitlines()) == 4  # header, rule, two rows
+    assert cli_main(argv[:-6] + ["--out", "-"]) == 1  # the CPU has no free memory to measure
 
 
 def test_bench_command_rejects_attention_without_context(capsys):

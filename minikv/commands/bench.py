@@ -1,7 +1,7 @@
 """`minikv bench`: prefill/decode speed and peak memory, beside the bandwidth floor and transformers.
 
-Writes the record as JSON and appends a markdown row to `<out>/runs.md`; the logic is in
-minikv.bench.
+Writes the record as JSON and appends markdown rows to `<out>/runs.md` (`<out>/capacity.md` for
+--capacity); the logic is in minikv.bench.
 """
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import json
 import re
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -37,6 +38,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="fill the store with S synthetic tokens first, through its real write path")
     p.add_argument("--attn-only", action="store_true",
                    help="time one layer's decode attention over --ctx-fill tokens instead of the whole model")
+    p.add_argument("--capacity", nargs="*", metavar="PRESET", default=None,
+                   help="find the longest batch-1 context whose store fits beside the weights, for each preset "
+                        "(default: --kv's), fill it, decode -n steps there and spot-check attention")
+    p.add_argument("--memory-budget", type=int, metavar="BYTES",
+                   help="--capacity: bytes for the store and a decode step, instead of the device's free memory "
+                        "(needed on the CPU)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs; medians are reported (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--no-graph", action="store_true", help="on CUDA, decode without the CUDA graph")
@@ -60,11 +67,22 @@ def check(args: argparse.Namespace) -> None:
         raise MinikvError("--attn-only needs --ctx-fill S, the number of cached tokens to attend over")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise MinikvError("--device cuda: no CUDA device is available")
+    if args.capacity is not None:
+        from minikv.presets import PRESETS
+
+        unknown = [name for name in args.capacity if name not in PRESETS]
+        if unknown:
+            raise MinikvError(f"unknown KV preset(s) {', '.join(unknown)} (choose from {', '.join(PRESETS)})")
+        if args.memory_budget is None and (args.device == "cpu" or not torch.cuda.is_available()):
+            raise MinikvError("--capacity on the CPU needs --memory-budget BYTES")
+    if args.memory_budget is not None and args.memory_budget < 1:
+        raise MinikvError("--memory-budget must be positive")
 
 
 def main(args: argparse.Namespace) -> int:
     from minikv import bench
-    from minikv.presets import kv_settings_from_args, make_store
+    from minikv.presets import KVSettings, kv_settings_from_args, make_store
+    from minikv.store import KVStore
 
     check(args)
     if args.threads:
@@ -82,11 +100,20 @@ def main(args: argparse.Namespace) -> int:
 
         folder = args.model or default_model_dir()
         model, name = load_folder(folder, device, dtype), folder.name
-    settings = kv_settings_from_args(args)
+
+    def store_factory(settings: KVSettings) -> Callable[[int, int, bool], KVStore]:
+        return lambda batch, capacity, static: make_store(model.config, settings, batch, capacity, dtype, device,
+                                                          static=static)
+
+    capacity = None
+    if args.capacity is not None:
+        if model.config.sliding_window is not None:
+            raise MinikvError("--capacity: sliding-window models are not supported (e.g. mistral-7b-v0.2 has none)")
+        capacity = {kv: store_factory(kv_settings_from_args(argparse.Namespace(**{**vars(args), "kv": kv})))
+                    for kv in args.capacity or [args.kv]}
     opt = bench.BenchOptions(
-        model=model, model_name=name, kv=args.kv,
-        make_store=lambda batch, capacity, static: make_store(model.config, settings, batch, capacity, dtype, device,
-                                                              static=static),
+        model=model, model_name=name, kv=args.kv, make_store=store_factory(kv_settings_from_args(args)),
+        capacity=capacity, memory_budget=args.memory_budget,
         batch=args.batch, prompt_len=args.prompt_len, new_tokens=args.new_tokens, ctx_fill=args.ctx_fill,
         repeats=args.repeats, graph=not args.no_graph, compile=args.compile, attn_only=args.attn_only,
         transformers=not args.no_transformers, transformers_static=args.transformers_static)
@@ -109,10 +136,12 @@ def write(record: dict, out: Path, tag: str, bench) -> None:
     path = out / f"{tag}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {path}")
-    if record["mode"] == "decode":
-        table = out / "runs.md"
+    if record["mode"] in ("decode", "capacity"):
+        decode = record["mode"] == "decode"
+        table = out / ("runs.md" if decode else "capacity.md")
         if not table.exists():
-            table.write_text(bench.TABLE_HEADER + "\n")
+            table.write_text((bench.TABLE_HEADER if decode else bench.CAPACITY_HEADER) + "\n")
+        rows = [bench.markdown_row(record)] if decode else bench.capacity_rows(record)
         with table.open("a") as f:
-            f.write(bench.markdown_row(record) + "\n")
-        print(f"appended a row to {table}")
+            f.write("".join(row + "\n" for row in rows))
+        print(f"appended {len(rows)} row(s) to {table}")
