@@ -65,13 +65,15 @@ class LLM:
         self.progress = progress  # show a bar while long prompts are prefilled
         self.engine = self.new_engine()
 
-    def new_engine(self) -> Engine:
-        """An independent conversation: its own KV store of `ctx` tokens, sharing the weights."""
+    def new_engine(self, batch: int = 1) -> Engine:
+        """An independent conversation: its own KV store of `ctx` tokens (for each of `batch`
+        sequences decoded together), sharing the weights."""
         from minikv.presets import make_store
 
-        store = make_store(self.model.config, self.kv, 1, self.ctx, self.dtype, self.device, static=self.cuda_graph)
+        store = make_store(self.model.config, self.kv, batch, self.ctx, self.dtype, self.device,
+                           static=self.cuda_graph)
         engine = Engine(self.model, self.tokenizer, store)
-        if self.cuda_graph and getattr(store, "static", False):  # quantized stores decode without a graph
+        if self.cuda_graph and getattr(store, "static", False):  # the reference path (MiKV) has no graph
             from minikv.cuda_graph import enable_cuda_graph
 
             enable_cuda_graph(engine)

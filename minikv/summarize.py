@@ -8,20 +8,27 @@ near), each part is summarized, and the joined summaries are summarized in turn,
 The prompt is the model's chat template around one user message: the document, a blank line,
 then the instruction. The document comes first so that its tokens (the "prefix") can be
 saved as a session and asked other instructions later without being ingested again.
+
+Several prompts (documents, or the parts of a long one) are completed as a batch when the
+engine's store holds several sequences: each is ingested into its own row, then all rows
+decode together, one forward per token for the whole batch, which reads the weights once for
+every row instead of once per row.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from minikv.errors import MinikvError
-from minikv.generate import Engine
-from minikv.sampling import SamplingParams
+from minikv.generate import Engine, TextStream
+from minikv.sampling import SamplingParams, sample
+from minikv.store import KVStore
 
 DEFAULT_INSTRUCTION = "Summarize the text above in at most {max_words} words."
 _MARK = "\x00document\x00"  # stands for the user message while the chat template is rendered
@@ -65,22 +72,46 @@ class Summarizer:
     def fits(self, n_tokens: int) -> bool:
         return n_tokens <= self.part_budget
 
+    def summarize_many(self, texts: list[str]) -> Iterator[Summary | MinikvError]:
+        """Summaries of `texts`, in order. Consecutive documents that fit whole are completed together,
+        as many as the store has sequences (their `seconds` is that batch's); a longer one is summarized
+        hierarchically, its parts batched. A document that cannot be summarized yields its error."""
+        docs = [self.engine.tokenizer.encode(text.strip(), add_bos=False) for text in texts]
+        i = 0
+        while i < len(docs):
+            t0 = time.perf_counter()
+            if not self.fits(len(docs[i])):
+                try:
+                    text, parts = self._hierarchical(docs[i])
+                    yield Summary(text, len(docs[i]), "hierarchical", parts, time.perf_counter() - t0)
+                except MinikvError as e:
+                    yield e
+                i += 1
+                continue
+            j = i + 1
+            while j < len(docs) and j - i < self.engine.store.batch and self.fits(len(docs[j])):
+                j += 1
+            summaries = self._complete(docs[i:j], self.params, count=True)
+            seconds = time.perf_counter() - t0
+            yield from (Summary(text, len(doc), "whole", 1, seconds) for doc, text in zip(docs[i:j], summaries))
+            i = j
+
     def summarize(self, text: str, on_ingested: Callable[[int], None] | None = None) -> Summary:
         """Summarize `text`. `on_ingested(n_tokens)` runs once the document is ingested whole, before the
         instruction (to save a session); a document that does not fit then raises MinikvError."""
+        if on_ingested is None:
+            summary = next(self.summarize_many([text]))
+            if isinstance(summary, MinikvError):
+                raise summary
+            return summary
         t0 = time.perf_counter()
         ids = self.engine.tokenizer.encode(text.strip(), add_bos=False)
-        if self.fits(len(ids)):
-            self.ingest_document(ids, count=True)
-            if on_ingested is not None:
-                on_ingested(len(ids))
-            summary, method, parts = self.finish(), "whole", 1
-        elif on_ingested is not None:
+        if not self.fits(len(ids)):
             raise MinikvError(f"{len(ids)} tokens do not fit the {self.ctx}-token context whole, so there is no "
                               f"session to save (raise -c/--ctx)")
-        else:
-            (summary, parts), method = self._hierarchical(ids), "hierarchical"
-        return Summary(summary, len(ids), method, parts, time.perf_counter() - t0)
+        self.ingest_document(ids, count=True)
+        on_ingested(len(ids))
+        return Summary(self.finish(), len(ids), "whole", 1, time.perf_counter() - t0)
 
     def ingest_document(self, ids: list[int], count: bool = False) -> None:
         """Reset the engine and prefill the chat header and the document (the saveable prefix)."""
@@ -93,9 +124,61 @@ class Summarizer:
         logits = self._ingest(self.suffix)
         return "".join(self.engine.generate(logits, params or self.params)).strip()
 
-    def _summarize_ids(self, ids: list[int], params: SamplingParams, count: bool = False) -> str:
-        self.ingest_document(ids, count)
-        return self.finish(params)
+    @torch.inference_mode()
+    def _complete(self, docs: list[list[int]], params: SamplingParams, count: bool = False) -> list[str]:
+        """Summaries of documents given as ids, as many at a time as the store has sequences."""
+        store = self.engine.store
+        out = []
+        for first in range(0, len(docs), store.batch):
+            group = docs[first:first + store.batch]
+            self.engine.reset()
+            rows = store if len(group) == store.batch else store.rows(0, len(group))
+            engine = self.engine if rows is store else self._engine(rows)
+            logits = torch.stack([self._ingest_prompt(ids, count, self._engine(rows.rows(i, i + 1)))
+                                  for i, ids in enumerate(group)])
+            out += self._decode(engine, logits, params)
+        return out
+
+    def _engine(self, store: KVStore) -> Engine:
+        """An engine over some sequences of our store (a view: what it writes, the store holds)."""
+        if store is self.engine.store:
+            return self.engine
+        return Engine(self.engine.model, self.engine.tokenizer, store, self.engine.prefill_chunk)
+
+    def _ingest_prompt(self, ids: list[int], count: bool, engine: Engine) -> Tensor:
+        """Prefill the chat header, the document and the instruction; the logits after them."""
+        self._ingest(self.head, engine=engine)
+        self._ingest(ids, count, engine)
+        return self._ingest(self.suffix, engine=engine)
+
+    @staticmethod
+    def _decode(engine: Engine, logits: Tensor, params: SamplingParams) -> list[str]:
+        """Continuations of every sequence of the engine's store from `logits` (B, V), until each
+        reaches an end-of-sequence id or a stop string, or max_tokens; sequences that finished
+        keep decoding, unread, since the batch steps together."""
+        gen = torch.Generator(device=engine.device)
+        if params.seed is None:
+            gen.seed()
+        else:
+            gen.manual_seed(params.seed)
+        eos = set(engine.tokenizer.eos_ids)
+        streams = [TextStream(engine.tokenizer, params.stop) for _ in range(logits.shape[0])]
+        texts, live = [""] * len(streams), [True] * len(streams)
+        recent = torch.empty(len(streams), 0, dtype=torch.long, device=engine.device)  # for the repeat penalty
+        for _ in range(params.max_tokens):
+            tokens = sample(logits, params, gen, recent[:, -params.repeat_last_n:] if params.repeat_last_n else None)
+            if params.repeat_penalty != 1.0:
+                recent = torch.cat([recent, tokens[:, None]], 1)
+            for row, token in enumerate(tokens.tolist()):
+                if live[row] and token in eos:
+                    live[row] = False
+                elif live[row]:
+                    texts[row] += streams[row].push(token)
+                    live[row] = not streams[row].stopped
+            if not any(live) or engine.store.room() < 1:
+                break
+            logits = engine.forward(tokens[:, None])
+        return [(text + stream.flush()).strip() for text, stream in zip(texts, streams)]
 
     def _hierarchical(self, ids: list[int]) -> tuple[str, int]:
         """Summaries of parts, then of the joined summaries, until they fit. Returns the summary and
@@ -108,10 +191,10 @@ class Summarizer:
         first_parts = 0
         while not self.fits(len(ids)):
             parts = self._split(ids)
-            summaries = [self._summarize_ids(part, params, count=not first_parts) for part in parts]
+            summaries = self._complete(parts, params, count=not first_parts)
             first_parts = first_parts or len(parts)
             ids = self.engine.tokenizer.encode("\n\n".join(summaries), add_bos=False)
-        return self._summarize_ids(ids, self.params), first_parts
+        return self._complete([ids], self.params)[0], first_parts
 
     def _split(self, ids: list[int]) -> list[list[int]]:
         """Parts of at most part_budget tokens of about equal size, cut after a line break when one is
@@ -131,11 +214,12 @@ class Summarizer:
             start = end
         return parts
 
-    def _ingest(self, ids: list[int], count: bool = False) -> Tensor:
+    def _ingest(self, ids: list[int], count: bool = False, engine: Engine | None = None) -> Tensor:
         """Prefill in the engine's chunk size, reporting progress per chunk."""
-        step = self.engine.prefill_chunk
+        engine = engine or self.engine
+        step = engine.prefill_chunk
         for start in range(0, len(ids), step):
-            logits = self.engine.ingest(ids[start:start + step])
+            logits = engine.ingest(ids[start:start + step])
             if count:
                 self.on_tokens(len(ids[start:start + step]))
         return logits

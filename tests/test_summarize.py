@@ -80,3 +80,21 @@ def test_read_document_errors(tmp_path, content, words):
         path.write_bytes(content)
     with pytest.raises(MinikvError, match=words):
         read_document(str(path))
+
+
+@pytest.mark.parametrize("kv", ["fp16", "k4v2"])
+def test_a_batch_summarizes_as_one_at_a_time(tmp_path, capsys, kv):
+    """Documents of different lengths ingested into the rows of one store and decoded together
+    (greedy) give the summaries each gets alone; 3 documents in batches of 2 also cover a partial batch."""
+    docs = {"a.txt": DOC_A, "b.txt": DOC_B, "ab.txt": DOC_B + DOC_A}
+    for name, text in docs.items():
+        (tmp_path / name).write_text(text)
+    names = [str(tmp_path / n) for n in docs]
+    summaries = []
+    for batch in ("1", "2"):
+        assert main(["summarize", *names, "--jsonl", "-c", "512", "--kv", kv, "--batch", batch, *FAST]) == 0
+        rows = jsonl(capsys.readouterr().out)
+        assert [Path(r["file"]).name for r in rows] == list(docs)
+        summaries.append([r["summary"] for r in rows])
+    assert summaries[0] == summaries[1]
+    assert len(set(summaries[0])) == 3  # three different documents, three different summaries

@@ -1,7 +1,8 @@
 """`minikv summarize FILE [FILE ...]`: a summary per document, to stdout, to --out DIR or as JSON lines.
 
-Documents are summarized one after another through one engine (its store is reused), on
-every device: the engine decodes one sequence at a time. A file that cannot be read (missing,
+Documents are summarized `--batch` at a time through one engine (its store, of that many
+sequences, is reused): each is ingested into its own sequence, then they decode together. A
+file that cannot be read (missing,
 empty, binary, not UTF-8) gets a one-line error on stderr, the others are still summarized,
 and the exit status is 1. By default the context is the model's trained context, so every
 document that fits it is ingested whole; see `minikv.summarize` for the long ones.
@@ -20,7 +21,7 @@ from pathlib import Path
 from minikv.commands.run import decode_utf8
 from minikv.errors import MinikvError
 from minikv.options import (DEFAULT_CTX, add_model_arguments, add_sampling_arguments, load_from_args,
-                            sampling_from_args)
+                            positive_int, sampling_from_args)
 from minikv.summarize import DEFAULT_INSTRUCTION, Summarizer, Summary
 
 SESSION_KIND = "summarize"
@@ -36,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the instruction after the document; {max_words} is replaced (default: %(default)r)")
     parser.add_argument("--max-words", type=int, default=100, metavar="N",
                         help="length asked for (default: %(default)s)")
+    parser.add_argument("--batch", type=positive_int, default=4, metavar="N",
+                        help="documents summarized together; each has its own --ctx store (default: %(default)s)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or notes on stderr")
     parser.add_argument("--save-session", metavar="FILE", help="save the ingested document (one FILE only)")
     parser.add_argument("--load-session", metavar="FILE", help="summarize a saved document instead of FILEs")
@@ -90,10 +93,11 @@ def main(args: argparse.Namespace) -> int:
         args.ctx = DEFAULT_CTX  # the store is rebuilt below, once the model's trained context is known
     sampling_from_args(args)  # bad flags fail before the model loads
     llm = load_from_args(args)
-    if trained_ctx:
-        llm.ctx = args.ctx = llm.model.config.max_seq_len
+    batch = min(args.batch, len(args.files)) if args.files and not args.save_session else 1
+    if trained_ctx or batch > 1:
+        llm.ctx = args.ctx = llm.model.config.max_seq_len if trained_ctx else args.ctx
         llm.engine = None  # free the first store before the second is allocated
-        llm.engine = llm.new_engine()
+        llm.engine = llm.new_engine(batch)
     params = sampling_from_args(args)
 
     from tqdm import tqdm
@@ -105,28 +109,47 @@ def main(args: argparse.Namespace) -> int:
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
     failed, taken = 0, set()
-    for name in args.files or [args.load_session]:
+
+    def fail(name: str, e: MinikvError) -> None:
+        nonlocal failed
+        failed += 1
+        message = str(e) if str(e).startswith(name) else f"{name}: {e}"
+        tqdm.write(f"minikv: error: {message}", file=sys.stderr)
+        if args.jsonl:
+            print(json.dumps({"file": name, "error": message}), flush=True)
+        docs.update(1)
+
+    if args.load_session or args.save_session:
+        name = args.load_session or args.files[0]
         try:
             summary = (session_summary(summarizer, args.load_session) if args.load_session
                        else document_summary(summarizer, name, args.save_session))
         except MinikvError as e:
-            failed += 1
-            message = str(e) if str(e).startswith(name) else f"{name}: {e}"
-            tqdm.write(f"minikv: error: {message}", file=sys.stderr)
-            if args.jsonl:
-                print(json.dumps({"file": name, "error": message}), flush=True)
+            fail(name, e)
         else:
-            report(summary, name, llm.engine.store.nbytes(), args, taken)
-        docs.update(1)
+            report(summary, name, llm.engine.store.nbytes() // llm.engine.store.batch, args, taken)
+            docs.update(1)
+    else:
+        names, texts = [], []
+        for name in args.files:
+            try:
+                texts.append(read_document(name))
+                names.append(name)
+            except MinikvError as e:
+                fail(name, e)
+        for name, summary in zip(names, summarizer.summarize_many(texts)):
+            if isinstance(summary, MinikvError):
+                fail(name, summary)
+            else:
+                report(summary, name, llm.engine.store.nbytes() // llm.engine.store.batch, args, taken)
+                docs.update(1)
     toks.close()
     docs.close()
     return 1 if failed else 0
 
 
-def document_summary(summarizer: Summarizer, name: str, save: str | None) -> Summary:
+def document_summary(summarizer: Summarizer, name: str, save: str) -> Summary:
     text = read_document(name)
-    if not save:
-        return summarizer.summarize(text)
     from minikv.session import save_session
 
     def on_ingested(n_tokens: int) -> None:
