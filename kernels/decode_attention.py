@@ -314,14 +314,16 @@ def decode_attention(q: Tensor, sink_k: Tensor, sink_v: Tensor, lengths: Tensor,
     """Same arguments and result as kernels.reference.decode_attention, plus launch settings:
     `splits` (default: from `n_tokens_hint`, the longest history to expect, else the capacity) and
     `block_n` (default 128 tokens, 64 with a key matrix, whose product needs the registers: measured
-    1.7 -> 1.0 ms at B=8, S=32K, K4V2 on an H100) and `num_warps` (default 4, or 8 when the programs
-    do not fill the multiprocessors: 72 -> 55 us at B=1, S=1K, K4V2; 8 warps at B=8, S=32K: 2.5x slower)."""
+    1.7 -> 1.0 ms at B=8, S=32K, K4V2 on an H100) and `num_warps` (default 4, or 8 without a key matrix
+    when the programs do not fill the multiprocessors: Llama-2-7B at B=1 over 1K tokens decoded 2-4 %
+    faster with int8, kivi2 and k4v4, and 6 % slower with k4v2; at B=8, S=32K 8 warps were slower)."""
     B, Hq, D = q.shape
     block_n = block_n or (64 if key_matrix is not None or rope is not None else 128)
     if splits is None:
         hint = hist.k.shape[2] if n_tokens_hint is None else n_tokens_hint
         splits = num_splits(B, sink_k.shape[1], hint, block_n)
-    num_warps = num_warps or (8 if B * sink_k.shape[1] * splits < _multiprocessors() else 4)
+    few_programs = B * sink_k.shape[1] * splits < _multiprocessors()
+    num_warps = num_warps or (8 if few_programs and key_matrix is None and rope is None else 4)
     return attention(q[:, :, None], None, None, sink_k, sink_v, lengths, hist, spec, n_hist, win_k, win_v,
                      q_hist=None if q_hist is None else q_hist[:, :, None], rope=rope, key_matrix=key_matrix,
                      value_matrix=value_matrix, scale=scale, mass=mass, splits=splits, block_m=1, block_n=block_n,
