@@ -40,7 +40,7 @@ class Summary:
     tokens: int  # of the document
     method: str  # "whole" or "hierarchical"
     parts: int  # parts summarized at the first level (1 when whole)
-    seconds: float
+    seconds: float  # wall time of the batch the document was summarized in
 
 
 class Summarizer:
