@@ -244,9 +244,11 @@ def _multiprocessors() -> int:
     return torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 8
 
 
-def num_splits(batch: int, n_kv_heads: int, n_tokens: int, block_n: int, min_tiles: int = 4) -> int:
+def num_splits(batch: int, n_kv_heads: int, n_tokens: int, block_n: int, min_tiles: int = 1) -> int:
     """Splits enough for about four programs per multiprocessor but not more (a few programs
-    spilling into a second wave cost 20 % on an H100), none with fewer than `min_tiles` tiles."""
+    spilling into a second wave cost 20 % on an H100), none with fewer than `min_tiles` tiles.
+    At batch 1 the shortest programs win: K4V2 over 1K tokens took 43 us with 4 tiles per split,
+    26 us with one (fp16 SDPA: 12 us)."""
     by_occupancy = 4 * _multiprocessors() // (batch * n_kv_heads)
     by_work = triton.cdiv(triton.cdiv(n_tokens, block_n), min_tiles)
     return max(1, min(by_occupancy, by_work, 256))
