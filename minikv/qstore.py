@@ -51,11 +51,17 @@ written by prefill, or by eager decode steps that read the host lengths: a repla
 every sequence past its sinks (`replayable()`). Chunks of several tokens, and the reference path,
 need every sequence at the same length.
 
-With the reference path on the CPU the store also keeps a position-indexed mirror `view_k/view_v`
-(B, H, capacity, D) of what attention sees (sinks and window exact, history dequantized once when
-it is written), so the reference attention is one masked SDPA call; it is a compute aid, not
-counted in nbytes (`working_nbytes()` reports it, and `run -v` / `/stats` show it). Without it the
-CPU path would dequantize the whole history at every step.
+With the reference path on the CPU the store also keeps a mirror `view_k/view_v` (B, H, C, D),
+indexed like the history, of the history in attention space, dequantized once when it is written:
+without it the CPU path would dequantize the whole history at every step. Where the model dtype is
+wider than 16 bits (fp32 on the CPU) a quantized history's mirror is float16, half the size: its
+values are a few-bit codes times fp16 scales, and fp16 rounding (2^-11 relative) is far below their
+quantization error. A raw (bits 16) history's mirror stays in the model dtype, exact. Attention
+stays one masked SDPA call per layer, over keys and values built for the step in the model dtype,
+sinks (sink_k/v) ‖ mirror upcast ‖ ring in position order (win_k/v) ‖ new tokens, in `_step_k/v`
+(B, H, capacity, D), one pair shared by all layers; sinks and ring are read from the store's own
+buffers, exact. Mirror and step buffers are a compute aid, not counted in nbytes
+(`working_nbytes()` reports them: about half an fp32 full cache, plus 1/n_layers of one).
 """
 from __future__ import annotations
 
@@ -103,10 +109,19 @@ def attention_with_mass(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) ->
     return out, probs.sum((2, 3))
 
 
+def cat_into(out: Tensor, parts: list[Tensor]) -> Tensor:
+    """torch.cat(parts, 2) written into out, one copy_ per part: an fp16 mirror is upcast within its copy."""
+    i = 0
+    for p in parts:
+        out[:, :, i:i + p.shape[2]].copy_(p)
+        i += p.shape[2]
+    return out
+
+
 class QuantizedStore(KVStore):
     derived = ("rope_cos", "rope_sin", "hadamard", "perms", "inv_perms", "view_k", "view_v", "pos0", "step_lengths",
                "step_n_hist")
-    per_sequence = BUFFERS + ("view_k", "view_v", "pos0", "step_lengths", "step_n_hist", "_slot")
+    per_sequence = BUFFERS + ("view_k", "view_v", "_step_k", "_step_v", "pos0", "step_lengths", "step_n_hist", "_slot")
 
     def __init__(self, n_layers: int, batch: int, capacity: int, n_kv_heads: int, head_dim: int,
                  window: int | None, dtype: torch.dtype, device: torch.device | str, *, settings: KVSettings,
@@ -138,9 +153,13 @@ class QuantizedStore(KVStore):
         mirror = self.device.type == "cpu" and not use_kernels if mirror is None else mirror
         if mirror and kernels:
             raise ValueError("the dequantized mirror serves the reference path, not the kernels")
-        shape = (batch, n_kv_heads, capacity, head_dim)
-        self.view_k = [self._zeros(shape, dtype) for _ in plans] if mirror else []
-        self.view_v = [self._zeros(shape, dtype) for _ in plans] if mirror else []
+        shape = (batch, n_kv_heads, self.hist_capacity, head_dim)
+        self.view_k = [self._zeros(shape, self._mirror_dtype(p.bits_k)) for p in plans] if mirror else []
+        self.view_v = [self._zeros(shape, self._mirror_dtype(p.bits_v)) for p in plans] if mirror else []
+        # The step's keys and values for the reference SDPA, reused by every layer: a fresh tensor per
+        # layer and step measured up to 2.6x slower attention (page faults as malloc returns it).
+        step_shape = (batch, n_kv_heads, capacity, head_dim) if mirror else (batch, n_kv_heads, 0, head_dim)
+        self._step_k, self._step_v = self._zeros(step_shape, dtype), self._zeros(step_shape, dtype)
         self._kernels = None  # kernels.store_attention, imported only when used (Triton)
         if use_kernels and not mirror:
             from kernels import store_attention
@@ -204,6 +223,11 @@ class QuantizedStore(KVStore):
         self.hi_idx.append(self._zeros((B, H, n_hi), torch.int32) if hk or hv else none)
         self.win_mass.append(self._zeros((B, H, self.ring), torch.float32) if self.n_hi else none)
 
+    def _mirror_dtype(self, bits: int) -> torch.dtype:
+        """float16 for a quantized history when the model dtype is wider (half the copy, rounding far
+        below the quantization error); the model dtype for a raw one, which must stay exact."""
+        return torch.float16 if bits < 16 and torch.finfo(self.dtype).bits > 16 else self.dtype
+
     def _hi(self, bits: int) -> bool:
         """Whether a tensor of this width gets MiKV's high-precision rows."""
         return self.n_hi > 0 and bits < self.hi_bits
@@ -224,9 +248,9 @@ class QuantizedStore(KVStore):
 
     def restored(self) -> None:
         """Rebuild the CPU mirror from loaded buffers."""
+        h = self.n_hist(self.length)
         for layer in range(len(self.view_k)):
-            n = self.length
-            self.view_k[layer][:, :, :n], self.view_v[layer][:, :, :n] = self._held(layer, n)
+            self.view_k[layer][:, :, :h], self.view_v[layer][:, :, :h] = self._history(layer, 0, h)
 
     def _plain(self) -> dict:
         """How it attends is not what it holds: a session saved one way loads the other."""
@@ -238,7 +262,7 @@ class QuantizedStore(KVStore):
         return sum(t.numel() * t.element_size() for name in BUFFERS for t in getattr(self, name))
 
     def working_nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.view_k + self.view_v)
+        return sum(t.numel() * t.element_size() for t in [*self.view_k, *self.view_v, self._step_k, self._step_v])
 
     def n_hist(self, n: int) -> int:
         """History tokens when n tokens are held (the schedule in the module docstring)."""
@@ -368,8 +392,7 @@ class QuantizedStore(KVStore):
         if raw:
             return self._read(layer, "k", 0, n), self._read(layer, "v", 0, n)
         if self.view_k:
-            lo = self.hist_pos0
-            return self.view_k[layer][:, :, lo:lo + n], self.view_v[layer][:, :, lo:lo + n]
+            return self.view_k[layer][:, :, :n].to(self.dtype), self.view_v[layer][:, :, :n].to(self.dtype)
         return self._history(layer, 0, n)
 
     def _flush(self, layer: int, k: Tensor, v: Tensor, a: int, b: int, mass: Tensor | None) -> None:
@@ -385,30 +408,25 @@ class QuantizedStore(KVStore):
         if mass is not None and (self._hi(plan.bits_k) or self._hi(plan.bits_v)):
             self._write_important(layer, ks, vs, a, b, mass)
         if self.view_k:
-            lo = self.hist_pos0
-            self.view_k[layer][:, :, lo + a:lo + b], self.view_v[layer][:, :, lo + a:lo + b] = \
-                self._history(layer, a, b)
+            self.view_k[layer][:, :, a:b], self.view_v[layer][:, :, a:b] = self._history(layer, a, b)
 
     # ---- the seam --------------------------------------------------------------------------
 
-    def _held(self, layer: int, n: int) -> tuple[Tensor, Tensor]:
-        """Keys and values at positions 0 .. n-1, attention space, from the layout's buffers."""
-        h = self.n_hist(n)
-        w0 = self.hist_pos0 + h
-        slots = (torch.arange(w0, max(n, w0), device=self.device) - self.n_sink) % self.ring
-        hk, hv = self._history(layer, 0, h)
-        n_sink = min(n, self.n_sink)
-        keys = torch.cat([self.sink_k[layer][:, :, :n_sink], hk, self.win_k[layer][:, :, slots]], 2)
-        return keys, torch.cat([self.sink_v[layer][:, :, :n_sink], hv, self.win_v[layer][:, :, slots]], 2)
-
     def _visible(self, layer: int, k: Tensor, v: Tensor, start: int) -> tuple[Tensor, Tensor]:
-        """Keys and values at positions 0 .. start+T-1 as the new queries see them (attention space)."""
+        """Keys and values at positions 0 .. start+T-1 as the new queries see them (attention space,
+        the model dtype): sinks ‖ history (the mirror, else dequantized now) ‖ ring ‖ new."""
+        h = self.n_hist(start)
+        w0 = self.hist_pos0 + h
+        slots = (torch.arange(w0, max(start, w0), device=self.device) - self.n_sink) % self.ring
+        hk, hv = (self.view_k[layer][:, :, :h], self.view_v[layer][:, :, :h]) if self.view_k else \
+            self._history(layer, 0, h)
+        n_sink = min(start, self.n_sink)
+        keys = [self.sink_k[layer][:, :, :n_sink], hk, self.win_k[layer][:, :, slots], k]
+        values = [self.sink_v[layer][:, :, :n_sink], hv, self.win_v[layer][:, :, slots], v]
+        if not self.view_k:
+            return torch.cat(keys, 2), torch.cat(values, 2)
         end = start + k.shape[2]
-        if self.view_k:
-            self.view_k[layer][:, :, start:end], self.view_v[layer][:, :, start:end] = k, v
-            return self.view_k[layer][:, :, :end], self.view_v[layer][:, :, :end]
-        keys, values = self._held(layer, start)
-        return torch.cat([keys, k], 2), torch.cat([values, v], 2)
+        return cat_into(self._step_k[:, :, :end], keys), cat_into(self._step_v[:, :, :end], values)
 
     def _start(self) -> int:
         """The length every sequence holds: chunks of several tokens (and the reference path) need one."""
@@ -478,8 +496,6 @@ class QuantizedStore(KVStore):
             self._put(layer, k, v)
             return
         start = self._start()
-        if self.view_k:
-            self.view_k[layer][:, :, start:start + T], self.view_v[layer][:, :, start:start + T] = k, v
         mass = torch.zeros(k.shape[:3], device=self.device) if self.n_hi else None
         self._append(layer, k, v, start, mass)
 

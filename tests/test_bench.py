@@ -136,7 +136,8 @@ def test_capacity_fills_the_budget_and_attention_matches(settings):
     assert r["capacity_tokens"] == store.capacity and r["decode_ms_per_step"] > 0
     check = r["spot_check"]
     assert check["tokens"] == store.capacity and len(check["layers"]) == len(check["kv_heads"]) == 2
-    assert check["max_abs_error"] < 1e-5 * check["max_abs_reference"]
+    # The CPU reference path attends over an fp16 copy of the history (unit roundoff 2^-11 = 4.9e-4).
+    assert check["max_abs_error"] < (1e-5 if settings == "fp16" else 2e-3) * check["max_abs_reference"]
     assert bench.capacity_rows(record)[0].count("|") == bench.CAPACITY_HEADER.splitlines()[0].count("|")
     assert "x: " in bench.summary(record)
 
