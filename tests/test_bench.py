@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from minikv import bench
+from minikv import bench, capacity
 from minikv.cli import main as cli_main
 from minikv.config import ModelConfig
 from minikv.cuda_graph import GraphDecodeStep, enable_cuda_graph
@@ -125,12 +125,12 @@ def test_capacity_fills_the_budget_and_attention_matches(settings):
     model = tiny()
     factory = lambda b, c, s: make_store(model.config, settings, b, c, torch.float32, "cpu", static=s)  # noqa: E731
     budget = 400_000
-    store, search = bench.find_capacity(model, factory, budget, False, probe=64, margin=0.05)
+    store, search = capacity.find_capacity(model, factory, budget, False, probe=64, margin=0.05)
     reserve = search["reserve_bytes"]
     assert reserve == int(0.05 * budget)  # no decode workspace is measured on the CPU
-    assert bench.footprint(model, store) + reserve <= budget
-    assert bench.footprint(model, factory(1, int(1.05 * store.capacity), False)) + reserve > budget  # nearly all
-    record = bench.run(options(model, capacity={"x": factory}, memory_budget=budget, capacity_probe=64,
+    assert capacity.footprint(model, store) + reserve <= budget
+    assert capacity.footprint(model, factory(1, int(1.05 * store.capacity), False)) + reserve > budget  # nearly all
+    record = capacity.run(options(model, capacity={"x": factory}, memory_budget=budget, capacity_probe=64,
                                  capacity_margin=0.05))
     r = record["capacity"]["x"]
     assert r["capacity_tokens"] == store.capacity and r["decode_ms_per_step"] > 0
@@ -138,8 +138,8 @@ def test_capacity_fills_the_budget_and_attention_matches(settings):
     assert check["tokens"] == store.capacity and len(check["layers"]) == len(check["kv_heads"]) == 2
     # The CPU reference path attends over an fp16 copy of the history (unit roundoff 2^-11 = 4.9e-4).
     assert check["max_abs_error"] < (1e-5 if settings == "fp16" else 2e-3) * check["max_abs_reference"]
-    assert bench.capacity_rows(record)[0].count("|") == bench.CAPACITY_HEADER.splitlines()[0].count("|")
-    assert "x: " in bench.summary(record)
+    assert capacity.capacity_rows(record)[0].count("|") == capacity.CAPACITY_HEADER.splitlines()[0].count("|")
+    assert "x: " in capacity.summary(record)
 
 
 def test_spot_check_sees_attention_over_wrong_contents():
@@ -148,7 +148,7 @@ def test_spot_check_sees_attention_over_wrong_contents():
     bench.fill_store(store, 290)
     for layer in range(model.config.n_layers):  # what the CPU store attends over, not what it holds
         store.view_v[layer][:, :, 100] += 1000.0
-    check = bench.spot_check(store, model.config.n_heads)
+    check = capacity.spot_check(store, model.config.n_heads)
     assert check["max_abs_error"] > 1e-2
 
 

@@ -1,7 +1,7 @@
 """`minikv bench`: prefill/decode speed and peak memory, beside the bandwidth floor and transformers.
 
 Writes the record as JSON and appends markdown rows to `<out>/runs.md` (`<out>/capacity.md` for
---capacity); the logic is in minikv.bench.
+--capacity); the logic is in minikv.bench and minikv.capacity.
 """
 from __future__ import annotations
 
@@ -81,6 +81,7 @@ def check(args: argparse.Namespace) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from minikv import bench
+    from minikv import capacity as capacity_mode
     from minikv.presets import KVSettings, kv_settings_from_args, make_store
     from minikv.store import KVStore
 
@@ -117,11 +118,12 @@ def main(args: argparse.Namespace) -> int:
         batch=args.batch, prompt_len=args.prompt_len, new_tokens=args.new_tokens, ctx_fill=args.ctx_fill,
         repeats=args.repeats, graph=not args.no_graph, compile=args.compile, attn_only=args.attn_only,
         transformers=not args.no_transformers, transformers_static=args.transformers_static)
-    record = bench.run(opt)
+    mode = capacity_mode if capacity else bench
+    record = mode.run(opt)
     record["command"] = "minikv " + shlex.join(sys.argv[1:])
-    print(bench.summary(record))
+    print(mode.summary(record))
     if str(args.out) != "-":
-        write(record, args.out, args.tag or default_tag(record), bench)
+        write(record, args.out, args.tag or default_tag(record))
     return 0
 
 
@@ -131,7 +133,10 @@ def default_tag(record: dict) -> str:
     return re.sub(r"[^a-z0-9.]+", "-", "-".join(parts).lower())
 
 
-def write(record: dict, out: Path, tag: str, bench) -> None:
+def write(record: dict, out: Path, tag: str) -> None:
+    from minikv import bench
+    from minikv import capacity as capacity_mode
+
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{tag}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
@@ -140,8 +145,8 @@ def write(record: dict, out: Path, tag: str, bench) -> None:
         decode = record["mode"] == "decode"
         table = out / ("runs.md" if decode else "capacity.md")
         if not table.exists():
-            table.write_text((bench.TABLE_HEADER if decode else bench.CAPACITY_HEADER) + "\n")
-        rows = [bench.markdown_row(record)] if decode else bench.capacity_rows(record)
+            table.write_text((bench.TABLE_HEADER if decode else capacity_mode.CAPACITY_HEADER) + "\n")
+        rows = [bench.markdown_row(record)] if decode else capacity_mode.capacity_rows(record)
         with table.open("a") as f:
             f.write("".join(row + "\n" for row in rows))
         print(f"appended {len(rows)} row(s) to {table}")
