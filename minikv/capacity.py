@@ -109,9 +109,8 @@ def _held_chunks(store: KVStore, layer: int, n: int, chunk: int) -> Iterator[tup
     yield store.sink_k[layer][:, :, :s], store.sink_v[layer][:, :, :s]
     h, step = store.n_hist(n), store.group * max(1, chunk // store.group)  # history reads whole G-blocks
     for a in range(0, h, step):
-        yield store._history(layer, a, min(a + step, h))
-    w0 = store.hist_pos0 + h
-    slots = (torch.arange(w0, max(n, w0), device=store.device) - store.n_sink) % store.ring
+        yield store.history(layer, a, min(a + step, h))
+    slots = store.ring_slots(store.hist_pos0 + h, n)
     yield store.win_k[layer][:, :, slots], store.win_v[layer][:, :, slots]
 
 

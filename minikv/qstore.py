@@ -182,7 +182,7 @@ class QuantizedStore(KVStore):
         self._slot = torch.zeros(batch, dtype=torch.long, device=self.device)  # the new token's ring slot
         self._stepped: list[int] | None = None  # the host lengths the step was set for
         self._rows = torch.arange(batch, device=self.device)
-        self._matrices: dict = {}  # kernels.store_attention's per-layer constants
+        self._kernel_constants: dict = {}  # kernels.store_attention's per-layer constants (shared by row views)
         self._row_views: dict[int, QuantizedStore] = {}  # reference decode of sequences at different lengths
 
     # ---- allocation and sizes ---------------------------------------------------------------
@@ -250,7 +250,7 @@ class QuantizedStore(KVStore):
         """Rebuild the CPU mirror from loaded buffers."""
         h = self.n_hist(self.length)
         for layer in range(len(self.view_k)):
-            self.view_k[layer][:, :, :h], self.view_v[layer][:, :, :h] = self._history(layer, 0, h)
+            self.view_k[layer][:, :, :h], self.view_v[layer][:, :, :h] = self.history(layer, 0, h)
 
     def _plain(self) -> dict:
         """How it attends is not what it holds: a session saved one way loads the other."""
@@ -379,7 +379,11 @@ class QuantizedStore(KVStore):
             x = x.scatter(2, idx, rows)
         return x
 
-    def _history(self, layer: int, a: int, b: int) -> tuple[Tensor, Tensor]:
+    def ring_slots(self, a: int, b: int) -> Tensor:
+        """The ring slots of positions a .. b-1 (none when b <= a): slot (p - n_sink) % R."""
+        return (torch.arange(a, max(a, b), device=self.device) - self.n_sink) % self.ring
+
+    def history(self, layer: int, a: int, b: int) -> tuple[Tensor, Tensor]:
         """Attention-space keys and values of history slots [a, b), in the model dtype."""
         pos = torch.arange(self.hist_pos0 + a, self.hist_pos0 + b, device=self.device)
         k = self._key_from_stored(layer, self._read(layer, "k", a, b), pos)
@@ -393,7 +397,7 @@ class QuantizedStore(KVStore):
             return self._read(layer, "k", 0, n), self._read(layer, "v", 0, n)
         if self.view_k:
             return self.view_k[layer][:, :, :n].to(self.dtype), self.view_v[layer][:, :, :n].to(self.dtype)
-        return self._history(layer, 0, n)
+        return self.history(layer, 0, n)
 
     def _flush(self, layer: int, k: Tensor, v: Tensor, a: int, b: int, mass: Tensor | None) -> None:
         """Move full-precision tokens k, v (B, H, b-a, D) into history slots [a, b)."""
@@ -408,7 +412,7 @@ class QuantizedStore(KVStore):
         if mass is not None and (self._hi(plan.bits_k) or self._hi(plan.bits_v)):
             self._write_important(layer, ks, vs, a, b, mass)
         if self.view_k:
-            self.view_k[layer][:, :, a:b], self.view_v[layer][:, :, a:b] = self._history(layer, a, b)
+            self.view_k[layer][:, :, a:b], self.view_v[layer][:, :, a:b] = self.history(layer, a, b)
 
     # ---- the seam --------------------------------------------------------------------------
 
@@ -417,9 +421,9 @@ class QuantizedStore(KVStore):
         the model dtype): sinks ‖ history (the mirror, else dequantized now) ‖ ring ‖ new."""
         h = self.n_hist(start)
         w0 = self.hist_pos0 + h
-        slots = (torch.arange(w0, max(start, w0), device=self.device) - self.n_sink) % self.ring
+        slots = self.ring_slots(w0, start)
         hk, hv = (self.view_k[layer][:, :, :h], self.view_v[layer][:, :, :h]) if self.view_k else \
-            self._history(layer, 0, h)
+            self.history(layer, 0, h)
         n_sink = min(start, self.n_sink)
         keys = [self.sink_k[layer][:, :, :n_sink], hk, self.win_k[layer][:, :, slots], k]
         values = [self.sink_v[layer][:, :, :n_sink], hv, self.win_v[layer][:, :, slots], v]
@@ -467,7 +471,7 @@ class QuantizedStore(KVStore):
             out, mass = attention_with_mass(q, keys, values, mask)
             w0 = self.hist_pos0 + self.n_hist(start)
             if start > w0:
-                slots = (torch.arange(w0, start, device=self.device) - self.n_sink) % self.ring
+                slots = self.ring_slots(w0, start)
                 self.win_mass[layer].index_add_(2, slots, mass[:, :, w0:start])
             mass = mass[:, :, start:]
         else:
@@ -542,7 +546,7 @@ class QuantizedStore(KVStore):
         a, b = self.n_hist(start), self.n_hist(end)
         if b > a:  # positions S+a .. S+b-1 leave the ring (or skip it) for the history
             lo, hi = S + a, S + b
-            slots = (torch.arange(lo, max(lo, min(hi, start)), device=self.device) - S) % self.ring
+            slots = self.ring_slots(lo, min(hi, start))
             new = slice(max(lo, start) - start, max(hi, start) - start)
             kb = torch.cat([self.win_k[layer][:, :, slots], k[:, :, new]], 2)
             vb = torch.cat([self.win_v[layer][:, :, slots], v[:, :, new]], 2)
@@ -550,7 +554,7 @@ class QuantizedStore(KVStore):
             self._flush(layer, kb, vb, a, b, mb)
         p0 = max(start, S + b)
         if end > p0:
-            slots = (torch.arange(p0, end, device=self.device) - S) % self.ring
+            slots = self.ring_slots(p0, end)
             self.win_k[layer].index_copy_(2, slots, k[:, :, p0 - start:])
             self.win_v[layer].index_copy_(2, slots, v[:, :, p0 - start:])
             if mass is not None:
