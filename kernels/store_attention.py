@@ -10,6 +10,7 @@ the store, so a decode step allocates nothing but the kernels' outputs.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -18,6 +19,8 @@ from kernels.decode_attention import decode_attention
 from kernels.layout import History, PreRope, Spec
 from kernels.prefill_attention import prefill_attention
 from kernels.quantize_pack import quantize_pack
+
+T = TypeVar("T")
 
 
 def supported(store, layer: int) -> bool:
@@ -32,7 +35,8 @@ def supported(store, layer: int) -> bool:
 
 def spec(store, layer: int) -> Spec:
     s, plan = store.settings, store.plans[layer]
-    return Spec(store.head_dim, plan.bits_k, plan.bits_v, s.key_axis == "channel", s.group, s.group_k, s.group_v)
+    return _cached(store, ("spec", layer), lambda: Spec(store.head_dim, plan.bits_k, plan.bits_v,
+                                                         s.key_axis == "channel", s.group, s.group_k, s.group_v))
 
 
 def _history(store, layer: int, rows: slice = slice(None)) -> History:
@@ -41,10 +45,11 @@ def _history(store, layer: int, rows: slice = slice(None)) -> History:
                    store.k_zero[layer][rows], store.v_scale[layer][rows], store.v_zero[layer][rows])
 
 
-def _cached(store, key: tuple, make: Callable[[], Tensor | None]) -> Tensor | None:
-    if key not in store._matrices:
-        store._matrices[key] = make()
-    return store._matrices[key]
+def _cached(store, key: tuple, make: Callable[[], T]) -> T:
+    """A per-layer constant (a Spec, a key matrix), made once per store: not again at every step."""
+    if key not in store._kernel_constants:
+        store._kernel_constants[key] = make()
+    return store._kernel_constants[key]
 
 
 def _query_to_stored(store, layer: int, q: Tensor) -> Tensor:
