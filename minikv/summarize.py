@@ -133,10 +133,9 @@ class Summarizer:
             group = docs[first:first + store.batch]
             self.engine.reset()
             rows = store if len(group) == store.batch else store.rows(0, len(group))
-            engine = self.engine if rows is store else self._engine(rows)
             logits = torch.stack([self._ingest_prompt(ids, count, self._engine(rows.rows(i, i + 1)))
                                   for i, ids in enumerate(group)])
-            out += self._decode(engine, logits, params)
+            out += self._decode(self._engine(rows), logits, params)
         return out
 
     def _engine(self, store: KVStore) -> Engine:
