@@ -25,6 +25,7 @@ from kernels.decode_attention import decode_attention, num_splits
 from kernels.layout import History, PreRope, Spec
 from kernels.prefill_attention import prefill_attention
 from kernels.quantize_pack import quantize_pack
+from minikv.bench import capture, copy_bandwidth
 from minikv.quant import hadamard
 
 DEV = "cuda"
@@ -41,22 +42,8 @@ SHAPES = [(1, 1024), (1, 4096), (8, 32768), (8, 131072)]
 
 
 def median_ms(fn, graph: bool = False) -> float:
-    if graph:
-        fn()
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-        fn = g.replay
-    return do_bench(fn, warmup=25, rep=200, return_mode="median")
-
-
-def copy_bandwidth() -> float:
-    """Bytes read + written per second by a 2 GiB device-to-device copy."""
-    x = torch.empty(1 << 30, dtype=torch.float16, device=DEV).normal_()
-    y = torch.empty_like(x)
-    ms = median_ms(lambda: y.copy_(x))
-    return 2 * x.numel() * x.element_size() / ms * 1e3
+    """Median ms of fn (event-timed), or of replays of fn captured in a CUDA graph."""
+    return do_bench(capture(fn, warmup=1).replay if graph else fn, warmup=25, rep=200, return_mode="median")
 
 
 def make_state(spec: Spec, rotated: bool, batch: int, length: int):
@@ -260,7 +247,8 @@ def main() -> None:
     opts = ap.parse_args()
     opts.out.mkdir(parents=True, exist_ok=True)
     props = torch.cuda.get_device_properties(0)
-    result = dict(gpu=props.name, torch=torch.__version__, triton=triton.__version__, copy_bw=copy_bandwidth(),
+    result = dict(gpu=props.name, torch=torch.__version__, triton=triton.__version__,
+                  copy_bw=copy_bandwidth(torch.device(DEV), 1 << 31),
                   rows=[])
     print(f"{props.name}: copy bandwidth {result['copy_bw'] / 1e12:.2f} TB/s", flush=True)
     decode_rows(result, opts.presets, opts.out)

@@ -58,6 +58,28 @@ def kernel_seconds(fn: Callable[[], object], device: torch.device, repeats: int 
     return median_seconds(fn, device, repeats, warmup=2)
 
 
+def capture(fn: Callable[[], object], warmup: int = 3) -> torch.cuda.CUDAGraph:
+    """fn captured as a CUDA graph, after `warmup` eager calls (lazy initialisation, compilation)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
+def replay_ms(graph: torch.cuda.CUDAGraph, n: int = 50) -> float:
+    """Mean milliseconds per replay of a captured graph, over n back-to-back replays."""
+    graph.replay()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        graph.replay()
+    torch.cuda.synchronize()
+    return 1e3 * (time.perf_counter() - t0) / n
+
+
 def copy_bandwidth(device: torch.device, nbytes: int | None = None) -> float:
     """Bytes/s of a large device-to-device copy, counting bytes read plus bytes written."""
     nbytes = nbytes or (1 << 30 if device.type == "cuda" else 1 << 28)

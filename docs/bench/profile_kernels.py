@@ -9,28 +9,13 @@ import torch
 import torch._inductor.config as inductor
 from torch.profiler import ProfilerActivity, profile
 
-from minikv.bench import full_precision_store
+from minikv.bench import capture, full_precision_store, replay_ms
 from minikv.geometries import geometry, random_model
 
 inductor.coordinate_descent_tuning = True
 name = sys.argv[1] if len(sys.argv) > 1 else "llama2-7b"
 dev = torch.device("cuda")
 model = random_model(geometry(name), dev, torch.float16)
-
-
-def step_time(fn, ids, pos, n=50):
-    for _ in range(3):
-        fn(ids, pos)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn(ids, pos)
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        g.replay()
-    torch.cuda.synchronize()
-    return 1e3 * (time.perf_counter() - t) / n
 
 
 with torch.inference_mode():
@@ -41,7 +26,7 @@ with torch.inference_mode():
         torch._dynamo.reset()
         fwd = torch.compile(lambda i, p: model(i, p, store, last_only=True), fullgraph=True, dynamic=False, mode=mode)
         t0 = time.perf_counter()
-        ms = step_time(fwd, ids, pos)
+        ms = replay_ms(capture(lambda: fwd(ids, pos)))
         print(f"{mode}: replay {ms:.2f} ms/step (compile+capture {time.perf_counter() - t0:.0f} s)", flush=True)
         if mode == "default":
             with profile(activities=[ProfilerActivity.CUDA]) as prof:

@@ -9,7 +9,7 @@ import torch
 import torch._inductor.config as inductor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from minikv.bench import full_precision_store
+from minikv.bench import capture, full_precision_store, replay_ms
 from minikv.geometries import geometry, random_model
 
 inductor.coordinate_descent_tuning = True
@@ -26,19 +26,7 @@ with torch.inference_mode():
         t0 = time.perf_counter()
         with sdpa_kernel([backend]):
             fwd = torch.compile(lambda i, p: model(i, p, store, last_only=True), fullgraph=True, dynamic=False)
-            for _ in range(3):
-                fwd(ids, pos)
-            torch.cuda.synchronize()
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                fwd(ids, pos)
-        times = []
-        for _ in range(3):
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            for _ in range(50):
-                g.replay()
-            torch.cuda.synchronize()
-            times.append(1e3 * (time.perf_counter() - t) / 50)
+            graph = capture(lambda: fwd(ids, pos))
+        times = [replay_ms(graph) for _ in range(3)]
         print(f"{backend.name}: replay {sorted(times)[1]:.3f} ms/step {times} (setup {time.perf_counter() - t0:.0f} s)",
               flush=True)

@@ -8,7 +8,7 @@ import time
 import torch
 import torch._inductor.config as inductor
 
-from minikv.bench import copy_bandwidth, full_precision_store, time_ours
+from minikv.bench import capture, copy_bandwidth, full_precision_store, replay_ms, time_ours
 from minikv.cuda_graph import GraphDecodeStep
 from minikv.generate import Engine
 from minikv.geometries import geometry, random_model
@@ -22,21 +22,6 @@ wbytes = sum(p.numel() * p.element_size() for p in model.parameters())
 print(f"{name}: floor {1e3 * wbytes / bw:.2f} ms/step at {bw / 1e9:.0f} GB/s", flush=True)
 
 
-def graph_ms(fn, n=50):
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        g.replay()
-    torch.cuda.synchronize()
-    return 1e3 * (time.perf_counter() - t) / n
-
-
 with torch.inference_mode():
     x = torch.randn(1, 1, model.config.dim, device=dev, dtype=torch.float16)
     lin = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
@@ -47,7 +32,7 @@ with torch.inference_mode():
         for m in lin:
             m(h if m.in_features == model.config.hidden_dim else x)
 
-    ms = graph_ms(linears)
+    ms = replay_ms(capture(linears, warmup=1))
     print(f"linears only (graph): {ms:.2f} ms = {lbytes / ms / 1e6:.0f} GB/s", flush=True)
     for compile in (False, True):
         store = full_precision_store(model, 1, 640, True)
@@ -57,10 +42,4 @@ with torch.inference_mode():
         r = time_ours(engine, torch.randint(0, 1000, (1, 512), device=dev), 128, 0, 3)
         print(f"compile={compile}: app loop {r['decode_ms_per_step']:.2f} ms/step (setup {time.perf_counter() - t0:.0f} s)",
               flush=True)
-        step = engine.decode_step
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(50):
-            step.graph.replay()
-        torch.cuda.synchronize()
-        print(f"compile={compile}: replay only {1e3 * (time.perf_counter() - t) / 50:.2f} ms/step", flush=True)
+        print(f"compile={compile}: replay only {replay_ms(engine.decode_step.graph):.2f} ms/step", flush=True)
