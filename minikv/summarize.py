@@ -116,8 +116,7 @@ class Summarizer:
     def ingest_document(self, ids: list[int], count: bool = False) -> None:
         """Reset the engine and prefill the chat header and the document (the saveable prefix)."""
         self.engine.reset()
-        self._ingest(self.head)
-        self._ingest(ids, count)
+        self._ingest_document(ids, count, self.engine)
 
     def finish(self, params: SamplingParams | None = None) -> str:
         """Append the instruction to the ingested document and generate the summary."""
@@ -144,10 +143,14 @@ class Summarizer:
             return self.engine
         return Engine(self.engine.model, self.engine.tokenizer, store, self.engine.prefill_chunk)
 
-    def _ingest_prompt(self, ids: list[int], count: bool, engine: Engine) -> Tensor:
-        """Prefill the chat header, the document and the instruction; the logits after them."""
+    def _ingest_document(self, ids: list[int], count: bool, engine: Engine) -> None:
+        """Prefill the chat header and the document (the saveable prefix)."""
         self._ingest(self.head, engine=engine)
         self._ingest(ids, count, engine)
+
+    def _ingest_prompt(self, ids: list[int], count: bool, engine: Engine) -> Tensor:
+        """Prefill the document's prefix and the instruction; the logits after them."""
+        self._ingest_document(ids, count, engine)
         return self._ingest(self.suffix, engine=engine)
 
     @staticmethod
