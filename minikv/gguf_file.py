@@ -58,12 +58,6 @@ def unpermute_rope(w: Tensor, n_heads: int) -> Tensor:
     return w.reshape(n_heads, out // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def permute_rope(w: Tensor, n_heads: int) -> Tensor:
-    """llama.cpp's permutation (the inverse of `unpermute_rope`), for writing GGUF files."""
-    out = w.shape[0]
-    return w.reshape(n_heads, 2, out // n_heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
-
-
 def _f32(x: float) -> float:
     """GGUF stores floats as float32: recover the short decimal it was written from (1e-05, not 9.99e-06)."""
     return float(str(np.float32(x)))

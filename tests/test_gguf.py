@@ -9,7 +9,6 @@ import torch
 
 from minikv.commands.weights import convert
 from minikv.errors import MinikvError
-from minikv.gguf_file import permute_rope
 from minikv.loader import load
 from minikv.store import FullPrecisionStore
 
@@ -89,6 +88,12 @@ def write_gguf(path: Path, hf, qtype: str) -> dict[str, torch.Tensor]:
     w.write_tensors_to_file()
     w.close()
     return decoded
+
+
+def permute_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """llama.cpp's converter's q/k row permutation, to write GGUF files as it does."""
+    out = w.shape[0]
+    return w.reshape(n_heads, 2, out // n_heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
 def permute_rope_inverse(w: torch.Tensor, heads: int) -> torch.Tensor:
