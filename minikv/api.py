@@ -188,6 +188,7 @@ def load(model: str | Path | None = None, device: str | torch.device | None = No
 
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
-    settings = presets.KVSettings.from_preset(kv or presets.DEFAULT_KV) if isinstance(kv, str | None) else kv
+    if isinstance(kv, str | None):
+        kv = presets.KVSettings.from_preset(kv or presets.DEFAULT_KV, calib=presets.default_calibration(model))
     net, tokenizer = load_model(model, device, dtype, progress=progress)
-    return LLM(net, tokenizer, settings, ctx, cuda_graph=cuda_graph, progress=progress)
+    return LLM(net, tokenizer, kv, ctx, cuda_graph=cuda_graph, progress=progress)

@@ -63,9 +63,10 @@ def prompt_ids(tokenizer, filler_ids: list[int], length: int, depth: float, key:
 
 
 def run_trials(llm, kv_names: list[str], filler: str, lengths: list[int], depths: list[float], trials: int,
-               seed: int = 0, log=None) -> list[Trial]:
-    """Every (preset, length, depth, trial), greedy; the same keys and filler for every preset."""
-    from minikv.presets import KVSettings
+               seed: int = 0, log=None, model: str | None = None) -> list[Trial]:
+    """Every (preset, length, depth, trial), greedy; the same keys and filler for every preset.
+    `model`: where the model came from (None: the default model), for its calibration file."""
+    from minikv.presets import KVSettings, default_calibration
 
     filler_ids = llm.tokenizer.encode(filler, add_bos=False)
     if len(filler_ids) < max(lengths):
@@ -76,7 +77,7 @@ def run_trials(llm, kv_names: list[str], filler: str, lengths: list[int], depths
     params = SamplingParams(temperature=0.0, max_tokens=8)
     results = []
     for kv in kv_names:
-        llm.kv = KVSettings.from_preset(kv)
+        llm.kv = KVSettings.from_preset(kv, calib=default_calibration(model))
         llm.engine = None  # free the previous store first
         engine = llm.engine = llm.new_engine()
         for n, d, t, key, offset in cases:
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{'ok' if r.found else 'MISS'} ({r.seconds:.1f} s)", file=sys.stderr, flush=True)
 
     results = run_trials(llm, args.kv.split(","), args.filler.read_text(encoding="utf-8"), lengths, depths,
-                         args.trials, args.seed, log)
+                         args.trials, args.seed, log, args.model)
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in results], indent=1))
     print(table(results) + "\n\n" + depth_table(results))

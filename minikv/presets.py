@@ -232,17 +232,20 @@ def kv_settings_from_args(args: argparse.Namespace) -> KVSettings:
         o.update(clip_k=args.kv_clip[0], clip_v=args.kv_clip[1])
     if args.kv_mikv is not False:
         o["mikv"] = args.kv_mikv
-    calib = args.kv_calib
-    if calib is None:
-        model = getattr(args, "model", None)
-        if model is None:
-            from minikv.loader import default_model_dir
-
-            model = default_model_dir()
-        folder = Path(model).parent if Path(model).is_file() else Path(model)  # a .gguf file: its folder
-        default = folder / CALIBRATION_FILE
-        calib = str(default) if default.is_file() else None
+    calib = args.kv_calib if args.kv_calib is not None else default_calibration(getattr(args, "model", None))
     return KVSettings.from_preset(args.kv, calib=calib, **o)
+
+
+def default_calibration(model: str | Path | None) -> str | None:
+    """The calibration file beside a model (its folder, or a .gguf file's folder; None: the default
+    model), if there is one."""
+    if model is None:
+        from minikv.loader import default_model_dir
+
+        model = default_model_dir()
+    folder = Path(model).parent if Path(model).is_file() else Path(model)
+    default = folder / CALIBRATION_FILE
+    return str(default) if default.is_file() else None
 
 
 def plan_layers(cfg: ModelConfig, settings: KVSettings) -> list:

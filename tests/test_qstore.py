@@ -383,3 +383,14 @@ def test_rows_of_a_batch_decode_as_separate_stores(quantized):
             want = store.attend(0, q[b:b + 1], k[b:b + 1], v[b:b + 1], store.positions(1))
             store.advance(1)
             torch.testing.assert_close(got[b:b + 1], want)
+
+
+def test_the_calibration_file_is_found_beside_the_model(tmp_path):
+    """Every way to name a preset (flags, the API, the passkey runner) looks beside the model."""
+    from minikv.presets import CALIBRATION_FILE, default_calibration
+
+    assert default_calibration(tmp_path) is None
+    (tmp_path / CALIBRATION_FILE).write_text("{}")
+    (tmp_path / "model.gguf").write_bytes(b"")
+    assert default_calibration(tmp_path) == default_calibration(tmp_path / "model.gguf") == \
+        str(tmp_path / CALIBRATION_FILE)
