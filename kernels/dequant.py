@@ -4,6 +4,12 @@ Channels are always handled in ranges [CH0, CH0 + NCH) so that a key can be read
 halves, which is what rotate-half RoPE needs without any register shuffles. Each row's bytes are
 loaded once and split with shifts and a reshape (loading, per channel, the byte that holds it
 measured 5x slower on an H100).
+
+With HALF the arithmetic runs in float16 (16-bit models; bfloat16 ones too, as their scales are
+stored in float16), else in float32. Codes become floats by OR-ing them into the mantissa of a
+power of two and subtracting it, exactly: a conversion instruction runs at an eighth of the rate of
+arithmetic on recent GPUs, and two of them per element (int -> fp32 -> fp16) made the kernel bound
+by conversions.
 """
 from __future__ import annotations
 
@@ -12,65 +18,81 @@ import triton.language as tl
 
 
 @triton.jit
-def _unpack_plane(rows, ok, BITS: tl.constexpr, BYTE0: tl.constexpr, NCH: tl.constexpr, N: tl.constexpr):
-    """Codes (N, NCH) int32 of a plane of BITS-bit fields starting at byte BYTE0 of each row."""
+def _unpack_plane(rows, ok, BITS: tl.constexpr, BYTE0: tl.constexpr, NCH: tl.constexpr, N: tl.constexpr,
+                  HALF: tl.constexpr):
+    """Codes (N, NCH), int16 with HALF else int32, of a plane of BITS-bit fields starting at byte
+    BYTE0 of each row."""
     PER: tl.constexpr = 8 // BITS
     NB: tl.constexpr = NCH // PER
-    byt = tl.load(rows[:, None] + BYTE0 + tl.arange(0, NB)[None, :], mask=ok[:, None], other=0).to(tl.int32)
+    byt = tl.load(rows[:, None] + BYTE0 + tl.arange(0, NB)[None, :], mask=ok[:, None], other=0)
+    byt = byt.to(tl.int16) if HALF else byt.to(tl.int32)
     if PER == 1:
         codes = byt
     else:
-        shifts = tl.arange(0, PER) * BITS
+        shifts = (tl.arange(0, PER) * BITS).to(byt.dtype)
         codes = tl.reshape((byt[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1), (N, NCH))
     return codes
 
 
 @triton.jit
 def unpack(rows, ok, BITS: tl.constexpr, CH0: tl.constexpr, NCH: tl.constexpr, N: tl.constexpr,
-           D: tl.constexpr):
-    """Codes (N, NCH) as fp32 of channels CH0.. of the rows starting at pointers `rows` (N,)."""
+           D: tl.constexpr, HALF: tl.constexpr):
+    """Codes (N, NCH) as floats (float16 with HALF) of channels CH0.. of the rows at pointers `rows` (N,)."""
     if BITS == 3:
-        lo = _unpack_plane(rows, ok, 2, CH0 // 4, NCH, N)
-        hi = _unpack_plane(rows, ok, 1, D // 4 + CH0 // 8, NCH, N)
+        lo = _unpack_plane(rows, ok, 2, CH0 // 4, NCH, N, HALF)
+        hi = _unpack_plane(rows, ok, 1, D // 4 + CH0 // 8, NCH, N, HALF)
         codes = lo | (hi << 2)
     else:
-        codes = _unpack_plane(rows, ok, BITS, CH0 * BITS // 8, NCH, N)
-    return codes.to(tl.float32)
+        codes = _unpack_plane(rows, ok, BITS, CH0 * BITS // 8, NCH, N, HALF)
+    if HALF:  # 0x6400 is 1024.0: its mantissa's unit is 1
+        out = (codes | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+    else:  # 0x4B000000 is 2**23, likewise
+        out = (codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+    return out
+
+
+@triton.jit
+def _meta(ptr, offs, ok, HALF: tl.constexpr):
+    """Scales or zero-points (stored as float16) at offs, in the arithmetic's dtype."""
+    x = tl.load(ptr + offs, mask=ok, other=0.0)
+    return x.to(tl.float16) if HALF else x.to(tl.float32)
 
 
 @triton.jit
 def dequant_tokens(rows, meta_rows, ok, scale_ptr, zero_ptr, BITS: tl.constexpr, CH0: tl.constexpr,
-                   NCH: tl.constexpr, GROUP: tl.constexpr, NG: tl.constexpr, N: tl.constexpr, D: tl.constexpr):
-    """(N, NCH) fp32 of tokens quantized per token in groups of GROUP channels; NG groups cover
-    the range (1 when GROUP >= NCH). meta_rows (N,) are offsets of the tokens' scale rows."""
-    codes = tl.reshape(unpack(rows, ok, BITS, CH0, NCH, N, D), (N, NG, NCH // NG))
+                   NCH: tl.constexpr, GROUP: tl.constexpr, NG: tl.constexpr, N: tl.constexpr, D: tl.constexpr,
+                   HALF: tl.constexpr):
+    """(N, NCH) of tokens quantized per token in groups of GROUP channels; NG groups cover the
+    range (1 when GROUP >= NCH). meta_rows (N,) are offsets of the tokens' scale rows."""
+    codes = tl.reshape(unpack(rows, ok, BITS, CH0, NCH, N, D, HALF), (N, NG, NCH // NG))
     meta = meta_rows[:, None] + CH0 // GROUP + tl.arange(0, NG)[None, :]
-    s = tl.load(scale_ptr + meta, mask=ok[:, None], other=0.0).to(tl.float32)
-    z = tl.load(zero_ptr + meta, mask=ok[:, None], other=0.0).to(tl.float32)
+    s = _meta(scale_ptr, meta, ok[:, None], HALF)
+    z = _meta(zero_ptr, meta, ok[:, None], HALF)
     return tl.reshape(codes * s[:, :, None] + z[:, :, None], (N, NCH))
 
 
 @triton.jit
 def dequant_channels(rows, ok, meta_row, scale_ptr, zero_ptr, BITS: tl.constexpr, CH0: tl.constexpr,
-                     NCH: tl.constexpr, NBLK: tl.constexpr, N: tl.constexpr, D: tl.constexpr):
-    """(N, NCH) fp32 of tokens quantized per channel: the tile spans NBLK blocks of N/NBLK tokens,
+                     NCH: tl.constexpr, NBLK: tl.constexpr, N: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr):
+    """(N, NCH) of tokens quantized per channel: the tile spans NBLK blocks of N/NBLK tokens,
     each with one scale row of D channels, the first at offset meta_row."""
     RB: tl.constexpr = N // NBLK
-    codes = tl.reshape(unpack(rows, ok, BITS, CH0, NCH, N, D), (NBLK, RB, NCH))
+    codes = tl.reshape(unpack(rows, ok, BITS, CH0, NCH, N, D, HALF), (NBLK, RB, NCH))
     blk_ok = tl.max(tl.reshape(ok.to(tl.int32), (NBLK, RB)), 1) > 0
     meta = meta_row + tl.arange(0, NBLK)[:, None] * D + CH0 + tl.arange(0, NCH)[None, :]
-    s = tl.load(scale_ptr + meta, mask=blk_ok[:, None], other=0.0).to(tl.float32)
-    z = tl.load(zero_ptr + meta, mask=blk_ok[:, None], other=0.0).to(tl.float32)
+    s = _meta(scale_ptr, meta, blk_ok[:, None], HALF)
+    z = _meta(zero_ptr, meta, blk_ok[:, None], HALF)
     return tl.reshape(codes * s[:, None, :] + z[:, None, :], (N, NCH))
 
 
 @triton.jit
 def rope_halves(k_lo, k_hi, cos_ptr, sin_ptr, base, ci, si, D: tl.constexpr):
     """Rotate-half RoPE of keys at positions base + i (i the tile row) from the tables' row
-    `base` and the tile-offset tables ci, si (N, D/2), by angle addition: one table row per tile."""
+    `base` and the tile-offset tables ci, si (N, D/2), by angle addition: one table row per tile.
+    The arithmetic runs in the dtype of ci."""
     dh = tl.arange(0, D // 2)
-    cb = tl.load(cos_ptr + base * D + dh).to(tl.float32)[None, :]
-    sb = tl.load(sin_ptr + base * D + dh).to(tl.float32)[None, :]
+    cb = tl.load(cos_ptr + base * D + dh).to(ci.dtype)[None, :]
+    sb = tl.load(sin_ptr + base * D + dh).to(ci.dtype)[None, :]
     c = cb * ci - sb * si
     s = sb * ci + cb * si
     return k_lo * c - k_hi * s, k_hi * c + k_lo * s

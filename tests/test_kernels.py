@@ -135,6 +135,25 @@ def test_decode_matches_twin(case, splits, block_n):
         torch.testing.assert_close(want, _direct(args, kw, a), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("case", [CASES[i] for i in (1, 2, 4, 6, 9)], ids=_case_id)
+def test_decode_in_16_bits(case):
+    """A 16-bit model's step: codes become float16 by the mantissa trick and the history is
+    dequantized, rotated and multiplied in float16. Within float16 rounding of the float32 twin.
+    (bfloat16 models take the same path; the interpreter cannot run bfloat16 dots, so the GPU
+    benchmark's store check covers them.)"""
+    dtype = torch.float16
+    k_bits, v_bits, per_channel, kg, vg, group, prerope, fold = case
+    spec = Spec(32, k_bits, v_bits, per_channel, G, kg, vg)
+    args, kw, _ = _state(spec, 2, group, prerope, fold, seed=sum(case))
+    want = reference.decode_attention(*args, **kw)
+    q, sink_k, sink_v, lengths, hist, spec, n_hist, win_k, win_v = args
+    low = [t.to(dtype) for t in (q, sink_k, sink_v, win_k, win_v)]
+    kw16 = {**kw, "q_hist": kw["q_hist"].to(dtype)} if "q_hist" in kw else kw
+    got = decode_attention(*low[:3], lengths, hist, spec, n_hist, *low[3:], **kw16, splits=3, block_n=32, block_w=16)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), want, atol=1e-2, rtol=1e-2)
+
+
 STORE_CASES = {  # KVSettings overrides, key channel permutation
     "k4v2": (dict(bits_k=4, bits_v=2), False),
     "skvq-like": (dict(bits_k=2, bits_v=3, key_axis="token", group_k=8, reorder=True, rotate_v=True), True),
