@@ -320,10 +320,10 @@ def decode_attention(q: Tensor, sink_k: Tensor, sink_v: Tensor, lengths: Tensor,
                      n_hist: Tensor, win_k: Tensor, win_v: Tensor, *, q_hist: Tensor | None = None,
                      rope: PreRope | None = None, key_matrix: Tensor | None = None,
                      value_matrix: Tensor | None = None, scale: float | None = None, mass: Tensor | None = None,
-                     splits: int | None = None, n_tokens_hint: int | None = None, block_n: int | None = None,
+                     splits: int | None = None, block_n: int | None = None,
                      block_w: int = 64, num_warps: int | None = None, num_stages: int | None = None) -> Tensor:
     """Same arguments and result as kernels.reference.decode_attention, plus launch settings:
-    `splits` (default: from `n_tokens_hint`, the longest history to expect, else the capacity) and
+    `splits` (default: from the history's capacity, so one launch fits every fill level) and
     `block_n` (default 128 tokens, 64 with a key matrix, whose product needs the registers: measured
     1.7 -> 1.0 ms at B=8, S=32K, K4V2 on an H100) and `num_warps` (default 4, or 8 without a key matrix
     when the programs do not fill the multiprocessors: Llama-2-7B at B=1 over 1K tokens decoded 2-4 %
@@ -331,8 +331,7 @@ def decode_attention(q: Tensor, sink_k: Tensor, sink_v: Tensor, lengths: Tensor,
     B, Hq, D = q.shape
     block_n = block_n or (64 if key_matrix is not None or rope is not None else 128)
     if splits is None:
-        hint = hist.k.shape[2] if n_tokens_hint is None else n_tokens_hint
-        splits = num_splits(B, sink_k.shape[1], hint, block_n)
+        splits = num_splits(B, sink_k.shape[1], hist.k.shape[2], block_n)
     few_programs = B * sink_k.shape[1] * splits < _multiprocessors()
     num_warps = num_warps or (8 if few_programs and key_matrix is None and rope is None else 4)
     return attention(q[:, :, None], None, None, sink_k, sink_v, lengths, hist, spec, n_hist, win_k, win_v,

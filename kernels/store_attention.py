@@ -52,49 +52,35 @@ def _cached(store, key: tuple, make: Callable[[], T]) -> T:
     return store._kernel_constants[key]
 
 
-def _query_to_stored(store, layer: int, q: Tensor) -> Tensor:
-    """q (B, Hq, T, D) -> the query that meets post-RoPE stored keys: perm(q @ Hd), per KV head."""
-    B, Hq, T, D = q.shape
-    H = store.n_kv_heads
-    x = q.float().view(B, H, Hq // H, T, D)
-    if store.settings.rotate_k:
-        x = x @ store.hadamard
-    perm = store.perms[layer]
-    if perm is not None:
-        x = x.gather(-1, perm[None, :, None, None].expand_as(x))
-    return x.view(B, Hq, T, D).to(q.dtype).contiguous()
-
-
 def _permutation_matrices(perm: Tensor) -> Tensor:
     """(H, D) permutations -> (H, D, D) matrices P with x @ P = x[..., perm]."""
     return torch.eye(perm.shape[-1], device=perm.device)[:, perm].permute(1, 0, 2)
 
 
-def _stored_to_prerope(store, layer: int) -> Tensor | None:
-    """(H, D, D) matrices M with unperm(x) @ Hd = x @ M, or None when stored keys need neither."""
-    inv = store.inv_perms[layer]
-    if inv is None and not store.settings.rotate_k:
-        return None
-    m = torch.eye(store.head_dim, device=store.device).expand(store.n_kv_heads, -1, -1)
-    if inv is not None:
-        m = _permutation_matrices(inv)
-    if store.settings.rotate_k:
-        m = m @ store.hadamard
-    return m.contiguous()
+def _to_stored(store, layer: int) -> Tensor | None:
+    """(H, D, D) fp32 matrices M with perm(x @ Hd) = x @ M: what moves an attention-space key
+    (pre-RoPE for pre-RoPE keys) into stored space; None when that is the identity. M is
+    orthogonal (a Hadamard rotation, a permutation), so M^T maps stored keys back."""
+    def make() -> Tensor | None:
+        perm = store.perms[layer]
+        if perm is None and not store.settings.rotate_k:
+            return None
+        m = torch.eye(store.head_dim, device=store.device).expand(store.n_kv_heads, -1, -1)
+        if store.settings.rotate_k:
+            m = m @ store.hadamard
+        if perm is not None:
+            m = m @ _permutation_matrices(perm)
+        return m.contiguous()
+
+    return _cached(store, ("to_stored", layer), make)
 
 
-def _prerope_to_stored(store, layer: int) -> Tensor | None:
-    """(H, D, D) matrices with perm(x @ Hd) = x @ M: what moves a key into stored space after RoPE
-    is undone; None when that is the identity."""
-    perm = store.perms[layer]
-    if perm is None and not store.settings.rotate_k:
-        return None
-    m = torch.eye(store.head_dim, device=store.device).expand(store.n_kv_heads, -1, -1)
-    if store.settings.rotate_k:
-        m = m @ store.hadamard
-    if perm is not None:
-        m = m @ _permutation_matrices(perm)
-    return m.contiguous()
+def _query_to_stored(store, layer: int, q: Tensor) -> Tensor:
+    """q (B, Hq, T, D) -> the query that meets post-RoPE stored keys, q @ M per KV head: one
+    matrix product with a per-layer constant in the model's dtype."""
+    B, Hq, T, D = q.shape
+    m = _cached(store, ("q_to_stored", layer), lambda: _to_stored(store, layer).to(q.dtype))
+    return (q.reshape(B, store.n_kv_heads, -1, D) @ m).view(B, Hq, T, D)
 
 
 def _kwargs(store, layer: int, q: Tensor) -> dict:
@@ -103,7 +89,9 @@ def _kwargs(store, layer: int, q: Tensor) -> dict:
     kw = {}
     if s.prerope:
         kw["rope"] = PreRope(store.rope_cos, store.rope_sin, store.pos0)
-        kw["key_matrix"] = _cached(store, ("to_prerope", layer), lambda: _stored_to_prerope(store, layer))
+        to_stored = _to_stored(store, layer)
+        if to_stored is not None:
+            kw["key_matrix"] = _cached(store, ("to_prerope", layer), lambda: to_stored.mT.contiguous())
     elif s.rotate_k or store.perms[layer] is not None:
         kw["q_hist"] = _query_to_stored(store, layer, q)
     if s.rotate_v:
@@ -143,7 +131,7 @@ def flush(store, layer: int, k: Tensor, v: Tensor, a: int, b: int, src0: int = 0
     kw = {}
     if s.prerope:
         kw["rope"] = PreRope(store.rope_cos, store.rope_sin, store.pos0[rows])
-    kw["key_matrix"] = _cached(store, ("to_stored", layer), lambda: _prerope_to_stored(store, layer))
+    kw["key_matrix"] = _to_stored(store, layer)
     if s.rotate_v:
         kw["value_matrix"] = store.hadamard
     quantize_pack(k.contiguous(), v.contiguous(), src0, b - a, _history(store, layer, rows), a, spec(store, layer),
