@@ -100,11 +100,7 @@ class Engine:
         """Sample up to params.max_tokens ids, starting from the logits after the prompt.
 
         Stops at an end-of-sequence id (not yielded) or when the store is full; sets stats.stop_reason."""
-        gen = torch.Generator(device=self.device)
-        if params.seed is None:
-            gen.seed()  # a fresh seed, as llama.cpp: the global generator would repeat each run's output
-        else:
-            gen.manual_seed(params.seed)
+        gen = sampling_generator(self.device, params.seed)
         eos = set(self.tokenizer.eos_ids)
         self.stats.stop_reason = "length"
         t0 = time.perf_counter()
@@ -127,6 +123,32 @@ class Engine:
             self.tokens.append(token)
         self.stats.decode_seconds = time.perf_counter() - t0
 
+    @torch.inference_mode()
+    def complete_rows(self, logits: Tensor, params: SamplingParams) -> list[str]:
+        """The completions of every sequence of the store from `logits` (B, V), decoded together, each
+        until an end-of-sequence id or a stop string, or max_tokens (or a full store). Sequences that
+        finished keep decoding, unread, since the batch steps together. The repeat penalty sees the
+        generated tokens only: the prompts live in other engines' views of the store."""
+        gen = sampling_generator(self.device, params.seed)
+        eos = set(self.tokenizer.eos_ids)
+        streams = [TextStream(self.tokenizer, params.stop) for _ in range(logits.shape[0])]
+        texts, live = [""] * len(streams), [True] * len(streams)
+        recent = torch.empty(len(streams), 0, dtype=torch.long, device=self.device)
+        for _ in range(params.max_tokens):
+            tokens = sample(logits, params, gen, recent[:, -params.repeat_last_n:] if params.repeat_last_n else None)
+            if params.repeat_penalty != 1.0:
+                recent = torch.cat([recent, tokens[:, None]], 1)
+            for row, token in enumerate(tokens.tolist()):
+                if live[row] and token in eos:
+                    live[row] = False
+                elif live[row]:
+                    texts[row] += streams[row].push(token)
+                    live[row] = not streams[row].stopped
+            if not any(live) or self.store.room() < 1:
+                break
+            logits = self.forward(tokens[:, None])
+        return [(text + stream.flush()).strip() for text, stream in zip(texts, streams)]
+
     def generate(self, logits: Tensor, params: SamplingParams) -> Iterator[str]:
         """Yield text pieces of the completion; stop strings end it and are not yielded."""
         text = TextStream(self.tokenizer, params.stop)
@@ -140,6 +162,17 @@ class Engine:
         tail = text.flush()
         if tail:
             yield tail
+
+
+def sampling_generator(device: torch.device, seed: int | None) -> torch.Generator:
+    """The sampler's generator: seeded, or with a fresh seed when seed is None, as llama.cpp (the
+    global generator would repeat each run's output)."""
+    gen = torch.Generator(device=device)
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(seed)
+    return gen
 
 
 class TextStream:

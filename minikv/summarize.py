@@ -26,8 +26,8 @@ import torch
 from torch import Tensor
 
 from minikv.errors import MinikvError
-from minikv.generate import Engine, TextStream
-from minikv.sampling import SamplingParams, sample
+from minikv.generate import Engine
+from minikv.sampling import SamplingParams
 from minikv.store import KVStore
 
 DEFAULT_INSTRUCTION = "Summarize the text above in at most {max_words} words."
@@ -134,7 +134,7 @@ class Summarizer:
             rows = store if len(group) == store.batch else store.rows(0, len(group))
             logits = torch.stack([self._ingest_prompt(ids, count, self._engine(rows.rows(i, i + 1)))
                                   for i, ids in enumerate(group)])
-            out += self._decode(self._engine(rows), logits, params)
+            out += self._engine(rows).complete_rows(logits, params)
         return out
 
     def _engine(self, store: KVStore) -> Engine:
@@ -152,35 +152,6 @@ class Summarizer:
         """Prefill the document's prefix and the instruction; the logits after them."""
         self._ingest_document(ids, count, engine)
         return self._ingest(self.suffix, engine=engine)
-
-    @staticmethod
-    def _decode(engine: Engine, logits: Tensor, params: SamplingParams) -> list[str]:
-        """Continuations of every sequence of the engine's store from `logits` (B, V), until each
-        reaches an end-of-sequence id or a stop string, or max_tokens; sequences that finished
-        keep decoding, unread, since the batch steps together."""
-        gen = torch.Generator(device=engine.device)
-        if params.seed is None:
-            gen.seed()
-        else:
-            gen.manual_seed(params.seed)
-        eos = set(engine.tokenizer.eos_ids)
-        streams = [TextStream(engine.tokenizer, params.stop) for _ in range(logits.shape[0])]
-        texts, live = [""] * len(streams), [True] * len(streams)
-        recent = torch.empty(len(streams), 0, dtype=torch.long, device=engine.device)  # for the repeat penalty
-        for _ in range(params.max_tokens):
-            tokens = sample(logits, params, gen, recent[:, -params.repeat_last_n:] if params.repeat_last_n else None)
-            if params.repeat_penalty != 1.0:
-                recent = torch.cat([recent, tokens[:, None]], 1)
-            for row, token in enumerate(tokens.tolist()):
-                if live[row] and token in eos:
-                    live[row] = False
-                elif live[row]:
-                    texts[row] += streams[row].push(token)
-                    live[row] = not streams[row].stopped
-            if not any(live) or engine.store.room() < 1:
-                break
-            logits = engine.forward(tokens[:, None])
-        return [(text + stream.flush()).strip() for text, stream in zip(texts, streams)]
 
     def _hierarchical(self, ids: list[int]) -> tuple[str, int]:
         """Summaries of parts, then of the joined summaries, until they fit. Returns the summary and
