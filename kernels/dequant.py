@@ -44,6 +44,13 @@ def unpack(rows, ok, BITS: tl.constexpr, CH0: tl.constexpr, NCH: tl.constexpr, N
         codes = lo | (hi << 2)
     else:
         codes = _unpack_plane(rows, ok, BITS, CH0 * BITS // 8, NCH, N, HALF)
+    return as_float(codes, HALF)
+
+
+@triton.jit
+def as_float(codes, HALF: tl.constexpr):
+    """Non-negative integer codes (int16 with HALF, else int32; below 1024) as float16 (HALF) or
+    float32, exactly: OR-ed into the mantissa of a power of two, which is then subtracted."""
     if HALF:  # 0x6400 is 1024.0: its mantissa's unit is 1
         out = (codes | 0x6400).to(tl.float16, bitcast=True) - 1024.0
     else:  # 0x4B000000 is 2**23, likewise
