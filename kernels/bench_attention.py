@@ -22,7 +22,7 @@ from triton.testing import do_bench
 
 from kernels import reference
 from kernels.decode_attention import decode_attention, num_splits
-from kernels.layout import History, PreRope, Spec
+from kernels.layout import HiRows, History, PreRope, Spec
 from kernels.prefill_attention import prefill_attention
 from kernels.quantize_pack import quantize_pack
 from minikv.bench import capture, copy_bandwidth
@@ -37,6 +37,7 @@ PRESETS = {  # name -> (Spec, pre-RoPE keys with a key matrix and rotated values
     "skvq": (Spec(D, 3, 2, False, 32, 32, 32), False),
     "rotatekv": (Spec(D, 2, 2, True, 64, 64, 64), True),
     "int8": (Spec(D, 8, 8, True, 32, 32, 32), False),
+    "mikv": (Spec(D, 2, 2, True, 32, 32, 32, hi_bits=8, hi_rows=4), False),  # values rotated too (not timed here)
 }
 SHAPES = [(1, 1024), (1, 4096), (8, 32768), (8, 131072)]
 
@@ -63,28 +64,40 @@ def make_state(spec: Spec, rotated: bool, batch: int, length: int):
 
     hist = History(codes(spec.k_bits), codes(spec.v_bits), meta(k_meta, 0.01), meta(k_meta, -0.3),
                    meta(v_meta, 0.01), meta(v_meta, -0.3))
+    kw = {}
+    if spec.hi_rows:  # MiKV: hi_rows random rows of every block
+        n_hi = cap // G * spec.hi_rows
+        hi_codes = [torch.randint(0, 256, (batch, HKV, n_hi, spec.packed_bytes(spec.hi_bits)), dtype=torch.uint8,
+                                  device=dev) for _ in range(2)]
+        hi_k_meta, hi_v_meta = (batch, HKV, n_hi, D // spec.k_group), (batch, HKV, n_hi, D // spec.v_group)
+        rows = torch.rand(batch, HKV, cap // G, G, device=dev).argsort(-1)[..., :spec.hi_rows]
+        idx = (rows + torch.arange(0, cap, G, device=dev)[:, None]).flatten(-2).int()
+        kw["hi"] = HiRows(*hi_codes, meta(hi_k_meta, 0.001), meta(hi_k_meta, -0.1), meta(hi_v_meta, 0.001),
+                          meta(hi_v_meta, -0.1), idx)
     args = (torch.randn(batch, HQ, D, device=dev, dtype=f16), torch.randn(batch, HKV, N_SINK, D, device=dev, dtype=f16),
             torch.randn(batch, HKV, N_SINK, D, device=dev, dtype=f16),
             torch.full((batch,), length, device=dev, dtype=torch.int32), hist, spec,
             torch.full((batch,), n_hist, device=dev, dtype=torch.int32),
             torch.randn(batch, HKV, R, D, device=dev, dtype=f16), torch.randn(batch, HKV, R, D, device=dev, dtype=f16))
-    kw = {}
     if rotated:
         inv = 1.0 / (500000.0 ** (torch.arange(0, D, 2, device=dev).float() / D))
         emb = torch.outer(torch.arange(length, device=dev).float(), inv).repeat(1, 2)
-        kw = dict(rope=PreRope(emb.cos(), emb.sin(), torch.full((batch,), N_SINK, device=dev, dtype=torch.int32)),
+        kw.update(rope=PreRope(emb.cos(), emb.sin(), torch.full((batch,), N_SINK, device=dev, dtype=torch.int32)),
                   key_matrix=hadamard(D, dev).half().expand(HKV, D, D).contiguous(),
                   value_matrix=hadamard(D, dev).half())
     else:
-        kw = dict(q_hist=torch.randn(batch, HQ, D, device=dev, dtype=f16))
+        kw.update(q_hist=torch.randn(batch, HQ, D, device=dev, dtype=f16))
     return args, kw, n_hist
 
 
 def bytes_read(spec: Spec, batch: int, length: int, n_hist: int) -> int:
-    """What the kernel must read: codes, scales and zeros of the history, fp16 sinks and window, q."""
+    """What the kernel must read: codes, scales and zeros of the history (and of MiKV's rows, with
+    their index), fp16 sinks and window, q."""
     k_meta = 4 * D * n_hist // spec.block if spec.k_per_channel else 4 * n_hist * D // spec.k_group
+    n_hi = n_hist // spec.block * spec.hi_rows
     per_head = (n_hist * (spec.packed_bytes(spec.k_bits) + spec.packed_bytes(spec.v_bits)) + k_meta
-                + 4 * n_hist * D // spec.v_group + (length - n_hist) * D * 2 * 2)
+                + 4 * n_hist * D // spec.v_group + (length - n_hist) * D * 2 * 2
+                + n_hi * (2 * spec.packed_bytes(spec.hi_bits) + 4 * D // spec.k_group + 4 * D // spec.v_group + 4))
     return batch * HKV * per_head + 2 * batch * HQ * D * 2
 
 
@@ -224,7 +237,7 @@ def decode_rows(result: dict, names: list[str], out: Path) -> None:
 
 
 def other_checks(result: dict, out: Path) -> None:
-    checks = [(f"store_{preset}", lambda preset=preset: check_store(preset)) for preset in ("k4v2", "rotatekv")]
+    checks = [(f"store_{preset}", lambda preset=preset: check_store(preset)) for preset in ("k4v2", "rotatekv", "mikv")]
     checks += [(f"prefill_{name}", lambda name=name: check_prefill(*PRESETS[name])) for name in ("k4v2", "rotatekv")]
     checks += [(f"pack_{name}", lambda name=name: check_pack(*PRESETS[name]))
                for name in ("k4v2", "skvq", "rotatekv")]

@@ -4,9 +4,11 @@ flash-decoding) and, through the same kernel, prefill chunks (kernels.prefill_at
 Each program takes one (sequence, KV head) and one split of the history, with ALL query heads of
 the KV group at once, so every packed byte is read from memory once and unpacked once (GQA).
 Codes are dequantized in registers (in float16 for 16-bit models, see kernels.dequant); pre-RoPE
-keys get RoPE there too. Split 0 also covers the sinks and the last split the window ring (and a
-prefill chunk's own tokens). Partial (max, sum, acc) per split are merged by a second small
-kernel, or written directly when there is one split.
+keys get RoPE there too. MiKV's high-precision rows are attended tile by tile in place of the
+low-bit rows they replace, and the attention mass of the ring (and of a chunk's own tokens) is
+recomputed afterwards from the log-sum-exp. Split 0 also covers the sinks and the last split the
+window ring (and a prefill chunk's own tokens). Partial (max, sum, acc) per split are merged by a
+second small kernel, or written directly when there is one split.
 Lengths live on the device, so a launch is valid for any fill level and can be captured in a
 CUDA graph. Its plain-PyTorch twin is kernels.reference.decode_attention.
 """
@@ -20,8 +22,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.dequant import dequant_channels, dequant_tokens, rope_halves
-from kernels.layout import History, PreRope, Spec
+from kernels.dequant import dequant_channels, dequant_tokens, rope_halves, rope_rows
+from kernels.layout import HiRows, History, PreRope, Spec
 from kernels.reference import window_valid
 
 LOG2E = 1.4426950408889634
@@ -45,6 +47,16 @@ def _softmax_step(s, ok, m_i, l_i):
     alpha = tl.exp2(m_i - m_ref)
     p = tl.exp2(s - m_ref[:, None])
     return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def _accumulate(acc, acc_h, alpha, pv, SPLIT_V: tl.constexpr):
+    """Rescale both accumulators and add a history tile's p @ v, kept apart in stored space with SPLIT_V."""
+    if SPLIT_V:
+        acc, acc_h = acc * alpha[:, None], acc_h * alpha[:, None] + pv
+    else:
+        acc = acc * alpha[:, None] + pv
+    return acc, acc_h
 
 
 @triton.jit
@@ -107,19 +119,44 @@ def _history_keys(hk_ptr, ks_ptr, kz_ptr, kmat_ptr, cos_ptr, sin_ptr, tok, ok, m
 
 
 @triton.jit
+def _hi_tile(hk_ptr, hv_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, idx_ptr, kmat_ptr, cos_ptr, sin_ptr, bh, C_hi, t,
+             n_hist, pos0, ci, si, hk, HI_BITS: tl.constexpr, HI_ROWS: tl.constexpr, HP: tl.constexpr,
+             G: tl.constexpr, K_GROUP: tl.constexpr, K_NG: tl.constexpr, V_GROUP: tl.constexpr, V_NG: tl.constexpr,
+             ROPE: tl.constexpr, KMAT: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr,
+             HALF: tl.constexpr):
+    """MiKV: the high-precision rows of history tile t, as (history row each replaces (HP,), -1
+    where none; key halves; values). They are the rows of the blocks the tile covers (of the one
+    block holding it when tiles are smaller than blocks) whose history row falls in the tile."""
+    j = (t * BLOCK_N // G) * HI_ROWS + tl.arange(0, HP)
+    filled = (tl.arange(0, HP) < tl.maximum(BLOCK_N // G, 1) * HI_ROWS) & (j < n_hist // G * HI_ROWS)
+    row = tl.load(idx_ptr + bh * C_hi + j, mask=filled, other=-1)
+    ok = filled & (row >= t * BLOCK_N) & (row < t * BLOCK_N + BLOCK_N)
+    row = tl.where(ok, row, -1)
+    tok = bh * C_hi + j
+    k_lo, k_hi = _history_keys(hk_ptr, ks_ptr, kz_ptr, kmat_ptr, cos_ptr, sin_ptr, tok, ok, 0, 0, ci, si, hk,
+                               HI_BITS, False, K_GROUP, K_NG, False, KMAT, HP, D, 1, PREC, HALF)
+    if ROPE:
+        k_lo, k_hi = rope_rows(k_lo, k_hi, cos_ptr, sin_ptr, pos0 + row, ok, D)
+    v = dequant_tokens(hv_ptr + tok * (D * HI_BITS // 8), tok * (D // V_GROUP), ok, vs_ptr, vz_ptr, HI_BITS, 0, D,
+                       V_GROUP, V_NG, HP, D, HALF)
+    return row, k_lo, k_hi, v
+
+
+@triton.jit
 def _attention_kernel(
     q_ptr, qh_ptr, kn_ptr, vn_ptr, sk_ptr, sv_ptr, len_ptr,
     hk_ptr, hv_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, nh_ptr,
     wk_ptr, wv_ptr,
     cos_ptr, sin_ptr, pos0_ptr, kmat_ptr,
+    hik_ptr, hiv_ptr, hks_ptr, hkz_ptr, hvs_ptr, hvz_ptr, hidx_ptr,
     o_ptr, oh_ptr, m_ptr, l_ptr,
-    qk_scale, Hkv, T, n_sink, R, C_h, n_pos,
+    qk_scale, Hkv, T, n_sink, R, C_h, n_pos, C_hi,
     GROUP: tl.constexpr, GP: tl.constexpr, BM: tl.constexpr, D: tl.constexpr, SINK_P: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLITS: tl.constexpr, NBLK: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_PER_CHANNEL: tl.constexpr, G: tl.constexpr,
     K_GROUP: tl.constexpr, K_NG: tl.constexpr, V_GROUP: tl.constexpr, V_NG: tl.constexpr,
     ROPE: tl.constexpr, KMAT: tl.constexpr, SPLIT_V: tl.constexpr, DIRECT: tl.constexpr, CHUNK: tl.constexpr,
-    PREC: tl.constexpr, HALF: tl.constexpr,
+    HI_BITS: tl.constexpr, HI_ROWS: tl.constexpr, HP: tl.constexpr, PREC: tl.constexpr, HALF: tl.constexpr,
 ):
     """Program (sequence x KV head, query block, split). Its M = GP * BM rows are the GP query heads
     of the KV group times BM query tokens, so every key and value tile is loaded once for them all."""
@@ -176,13 +213,17 @@ def _attention_kernel(
                                    KMAT, BLOCK_N, D, NBLK, PREC, HALF)
         v = dequant_tokens(hv_ptr + tok * VB, tok * (D // V_GROUP), ok, vs_ptr, vz_ptr, V_BITS, 0, D, V_GROUP,
                            V_NG, BLOCK_N, D, HALF)
+        if HI_ROWS > 0:  # MiKV: rows with high-precision twins are attended through those instead
+            hrow, hk_lo, hk_hi, hv = _hi_tile(hik_ptr, hiv_ptr, hks_ptr, hkz_ptr, hvs_ptr, hvz_ptr, hidx_ptr,
+                                              kmat_ptr, cos_ptr, sin_ptr, bh, C_hi, t, n_hist, pos0, ci, si,
+                                              bh % Hkv, HI_BITS, HI_ROWS, HP, G, K_GROUP, K_NG, V_GROUP, V_NG,
+                                              ROPE, KMAT, BLOCK_N, D, PREC, HALF)
+            ok = ok & (tl.max((rows[:, None] == hrow[None, :]).to(tl.int32), 1) == 0)
+            p, alpha, m_i, l_i = _softmax_step(_qk(qh_lo, qh_hi, hk_lo, hk_hi, PREC), (hrow >= 0)[None, :], m_i,
+                                               l_i)
+            acc, acc_h = _accumulate(acc, acc_h, alpha, tl.dot(p.to(hv.dtype), hv, input_precision=PREC), SPLIT_V)
         p, alpha, m_i, l_i = _softmax_step(_qk(qh_lo, qh_hi, k_lo, k_hi, PREC), ok[None, :], m_i, l_i)
-        pv = tl.dot(p.to(v.dtype), v, input_precision=PREC)
-        if SPLIT_V:
-            acc = acc * alpha[:, None]
-            acc_h = acc_h * alpha[:, None] + pv
-        else:
-            acc = acc * alpha[:, None] + pv
+        acc, acc_h = _accumulate(acc, acc_h, alpha, tl.dot(p.to(v.dtype), v, input_precision=PREC), SPLIT_V)
 
     if split == SPLITS - 1:
         # The ring: positions n_sink + n_hist .. length-1, slot (pos - n_sink) % R.
@@ -266,8 +307,8 @@ def num_splits(batch: int, n_kv_heads: int, n_tokens: int, block_n: int, min_til
 def attention(q: Tensor, k_new: Tensor | None, v_new: Tensor | None, sink_k: Tensor, sink_v: Tensor,
               lengths: Tensor, hist: History, spec: Spec, n_hist: Tensor, win_k: Tensor, win_v: Tensor, *,
               q_hist: Tensor | None, rope: PreRope | None, key_matrix: Tensor | None, value_matrix: Tensor | None,
-              scale: float | None, mass: Tensor | None, splits: int, block_m: int, block_n: int, block_w: int,
-              num_warps: int, num_stages: int | None = None) -> Tensor:
+              scale: float | None, mass: Tensor | None, hi: HiRows | None, splits: int, block_m: int, block_n: int,
+              block_w: int, num_warps: int, num_stages: int | None = None) -> Tensor:
     """Launch for q (B, Hq, T, D): decode (T = 1, no k_new) or a prefill chunk (k_new, v_new (B, Hkv, T, D))."""
     B, Hq, T, D = q.shape
     Hkv, n_sink, R, C_h = sink_k.shape[1], sink_k.shape[2], win_k.shape[2], hist.k.shape[2]
@@ -275,8 +316,10 @@ def attention(q: Tensor, k_new: Tensor | None, v_new: Tensor | None, sink_k: Ten
     q_hist = q if q_hist is None else q_hist
     chunk = k_new is not None
     k_new, v_new = (k_new, v_new) if chunk else (q, q)  # placeholders for decode
-    if not all(t.is_contiguous() for t in (q, q_hist, k_new, v_new, sink_k, sink_v, *hist, win_k, win_v)):
+    if not all(t.is_contiguous() for t in (q, q_hist, k_new, v_new, sink_k, sink_v, *hist, win_k, win_v, *(hi or ()))):
         raise ValueError("the attention kernels need contiguous tensors")
+    if (hi is None) != (spec.hi_rows == 0):
+        raise ValueError("high-precision rows go with a spec that counts them (Spec.hi_rows)")
     if key_matrix is not None and rope is None:
         raise ValueError("without pre-RoPE keys, fold the key matrix into q_hist")
     split_v = value_matrix is not None
@@ -293,14 +336,16 @@ def attention(q: Tensor, k_new: Tensor | None, v_new: Tensor | None, sink_k: Ten
     bm = max(block_m, 16 // gp) if chunk else 1
     _attention_kernel[(B * Hkv, triton.cdiv(T, bm), splits)](
         q, q_hist, k_new, v_new, sink_k, sink_v, lengths, *hist, n_hist, win_k, win_v, cos, sin, pos0,
-        q if key_matrix is None else key_matrix, part, part_h, m, l,
-        qk_scale, Hkv, T, n_sink, R, C_h, cos.shape[0],
+        q if key_matrix is None else key_matrix, *(hi or [hist.k] * 7), part, part_h, m, l,
+        qk_scale, Hkv, T, n_sink, R, C_h, cos.shape[0], 0 if hi is None else hi.idx.shape[2],
         GROUP=group, GP=gp if chunk else max(16, gp), BM=bm, D=D,
         SINK_P=0 if n_sink == 0 else max(16, triton.next_power_of_2(n_sink)),
         BLOCK_N=block_n, BLOCK_W=block_w, SPLITS=splits, NBLK=max(1, block_n // spec.block),
         K_BITS=spec.k_bits, V_BITS=spec.v_bits, K_PER_CHANNEL=spec.k_per_channel, G=spec.block,
         K_GROUP=spec.k_group, K_NG=max(1, D // 2 // spec.k_group), V_GROUP=spec.v_group, V_NG=D // spec.v_group,
         ROPE=rope is not None, KMAT=key_matrix is not None, SPLIT_V=split_v, DIRECT=direct, CHUNK=chunk,
+        HI_BITS=spec.hi_bits, HI_ROWS=spec.hi_rows,
+        HP=max(16, triton.next_power_of_2(max(1, block_n // spec.block) * spec.hi_rows)),
         PREC="ieee" if q.dtype == torch.float32 else "tf32", HALF=q.dtype != torch.float32, num_warps=num_warps,
         **({} if num_stages is None else dict(num_stages=num_stages)),
     )
@@ -312,7 +357,11 @@ def attention(q: Tensor, k_new: Tensor | None, v_new: Tensor | None, sink_k: Ten
                                        SPLITS=splits, SPLITS_P=triton.next_power_of_2(splits), D=D,
                                        SPLIT_V=split_v, CHUNK=min(D, 32), num_warps=4)
     if mass is not None:
-        _add_window_mass(q, win_k, lengths, n_hist, n_sink, lse, qk_scale, mass)
+        _add_mass(q, win_k, window_valid(lengths, n_hist, n_sink, R)[:, None, None, None], lse, qk_scale,
+                  mass[:, :, :R])
+        if chunk:
+            _add_mass(q, k_new, torch.ones(T, T, dtype=torch.bool, device=q.device).tril(), lse, qk_scale,
+                      mass[:, :, R:])
     return out
 
 
@@ -320,7 +369,7 @@ def decode_attention(q: Tensor, sink_k: Tensor, sink_v: Tensor, lengths: Tensor,
                      n_hist: Tensor, win_k: Tensor, win_v: Tensor, *, q_hist: Tensor | None = None,
                      rope: PreRope | None = None, key_matrix: Tensor | None = None,
                      value_matrix: Tensor | None = None, scale: float | None = None, mass: Tensor | None = None,
-                     splits: int | None = None, block_n: int | None = None,
+                     hi: HiRows | None = None, splits: int | None = None, block_n: int | None = None,
                      block_w: int = 64, num_warps: int | None = None, num_stages: int | None = None) -> Tensor:
     """Same arguments and result as kernels.reference.decode_attention, plus launch settings:
     `splits` (default: from the history's capacity, so one launch fits every fill level) and
@@ -336,17 +385,17 @@ def decode_attention(q: Tensor, sink_k: Tensor, sink_v: Tensor, lengths: Tensor,
     num_warps = num_warps or (8 if few_programs and key_matrix is None and rope is None else 4)
     return attention(q[:, :, None], None, None, sink_k, sink_v, lengths, hist, spec, n_hist, win_k, win_v,
                      q_hist=None if q_hist is None else q_hist[:, :, None], rope=rope, key_matrix=key_matrix,
-                     value_matrix=value_matrix, scale=scale, mass=mass, splits=splits, block_m=1, block_n=block_n,
-                     block_w=block_w, num_warps=num_warps, num_stages=num_stages)[:, :, 0]
+                     value_matrix=value_matrix, scale=scale, mass=mass, hi=hi, splits=splits, block_m=1,
+                     block_n=block_n, block_w=block_w, num_warps=num_warps, num_stages=num_stages)[:, :, 0]
 
 
-def _add_window_mass(q: Tensor, win_k: Tensor, lengths: Tensor, n_hist: Tensor, n_sink: int, lse: Tensor,
-                     qk_scale: float, mass: Tensor) -> None:
-    """MiKV: add each window slot's probability, summed over the queries and the query heads of its
-    group, to `mass`. The window is small, so recomputing its scores beats keeping all of them."""
+def _add_mass(q: Tensor, keys: Tensor, visible: Tensor, lse: Tensor, qk_scale: float, mass: Tensor) -> None:
+    """MiKV: add each full-precision key's probability, summed over the queries and the query
+    heads of its group, to `mass` (B, Hkv, N). keys (B, Hkv, N, D); visible broadcasts to
+    (B, Hkv, group, T, N). The ring and a chunk are small, so recomputing their scores from the
+    log-sum-exp beats keeping all of them."""
     B, Hq, T, D = q.shape
-    Hkv = win_k.shape[1]
-    s = q.float().view(B, Hkv, Hq // Hkv, T, D) @ win_k.float()[:, :, None].mT * qk_scale
-    valid = window_valid(lengths, n_hist, n_sink, win_k.shape[2])
-    p = torch.exp2(s - lse.view(B, Hkv, -1, T, 1)).masked_fill(~valid[:, None, None, None], 0.0)
+    Hkv = keys.shape[1]
+    s = q.float().view(B, Hkv, Hq // Hkv, T, D) @ keys.float()[:, :, None].mT * qk_scale
+    p = torch.exp2(s - lse.view(B, Hkv, -1, T, 1)).masked_fill(~visible, 0.0)
     mass += p.sum((2, 3))

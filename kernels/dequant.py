@@ -103,3 +103,13 @@ def rope_halves(k_lo, k_hi, cos_ptr, sin_ptr, base, ci, si, D: tl.constexpr):
     c = cb * ci - sb * si
     s = sb * ci + cb * si
     return k_lo * c - k_hi * s, k_hi * c + k_lo * s
+
+
+@triton.jit
+def rope_rows(k_lo, k_hi, cos_ptr, sin_ptr, pos, ok, D: tl.constexpr):
+    """Rotate-half RoPE of keys at arbitrary positions pos (N,), one table row each; the arithmetic
+    runs in the dtype of k_lo."""
+    offs = pos[:, None] * D + tl.arange(0, D // 2)[None, :]
+    c = tl.load(cos_ptr + offs, mask=ok[:, None], other=0.0).to(k_lo.dtype)
+    s = tl.load(sin_ptr + offs, mask=ok[:, None], other=0.0).to(k_lo.dtype)
+    return k_lo * c - k_hi * s, k_hi * c + k_lo * s

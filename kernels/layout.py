@@ -7,6 +7,11 @@ Per layer, every tensor has leading dims (B, Hkv). History token i of a sequence
   k_scale, k_zero       fp16; keys per channel: (B, Hkv, C_h/G, D), one row per block of G tokens;
                         keys per token: (B, Hkv, C_h, D/k_group).
   v_scale, v_zero       fp16, values per token: (B, Hkv, C_h, D/v_group).
+MiKV's high-precision rows (HiRows): of every block of G history rows, `hi_rows` tokens also have
+per-token hi_bits codes, which replace their low-bit key and value; n = C_h/G * hi_rows rows:
+  k, v                  uint8 (B, Hkv, n, D*hi_bits/8), packed as above
+  k_scale, k_zero       fp16 (B, Hkv, n, D/k_group); v_scale, v_zero fp16 (B, Hkv, n, D/v_group)
+  idx                   int32 (B, Hkv, n): the history row each replaces, rows j*hi_rows.. within block j.
 A value is code * scale + zero. Channel permutations and Hadamard rotations are folded into q (and the
 output) by the caller, so nothing here ever un-permutes or un-rotates the cache.
 """
@@ -33,6 +38,8 @@ class Spec:
     block: int  # G: tokens per key block and per move from the window into the history
     k_group: int  # channels per scale for per-token keys
     v_group: int  # channels per scale for values (always per token)
+    hi_bits: int = 0  # MiKV: width of the high-precision rows (HiRows)
+    hi_rows: int = 0  # MiKV: high-precision rows per block of `block` tokens; 0 without them
 
     def __post_init__(self) -> None:
         d = self.head_dim
@@ -47,6 +54,8 @@ class Spec:
                 raise MinikvError(f"{name} {g} must be a power of two")
         if d % self.k_group or d % self.v_group:
             raise MinikvError("channel groups must divide head_dim")
+        if self.hi_rows and (self.hi_bits not in BITS or self.hi_rows >= self.block):
+            raise MinikvError(f"high-precision rows need bits in {BITS} and fewer rows than a block")
 
     def packed_bytes(self, bits: int) -> int:
         return self.head_dim * bits // 8
@@ -61,6 +70,18 @@ class History(NamedTuple):
     k_zero: Tensor
     v_scale: Tensor
     v_zero: Tensor
+
+
+class HiRows(NamedTuple):
+    """MiKV's high-precision rows of one layer (shapes in the module docstring)."""
+
+    k: Tensor
+    v: Tensor
+    k_scale: Tensor
+    k_zero: Tensor
+    v_scale: Tensor
+    v_zero: Tensor
+    idx: Tensor
 
 
 class PreRope(NamedTuple):

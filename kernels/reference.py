@@ -10,27 +10,39 @@ import math
 import torch
 from torch import Tensor
 
-from kernels.layout import History, PreRope, Spec
+from kernels.layout import HiRows, History, PreRope, Spec
 from minikv.model import apply_rope
 from minikv.quant import dequantize_channels, dequantize_tokens, quantize_channels, quantize_tokens
 
 
-def dequantize_history(hist: History, spec: Spec, rope: PreRope | None = None,
-                       key_matrix: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Keys and values (B, Hkv, C_h, D) in fp32; keys optionally mapped by a per-head matrix
-    (Hkv, D, D) and then given RoPE at their positions (pre-RoPE storage)."""
+def dequantize_history(hist: History, spec: Spec, rope: PreRope | None = None, key_matrix: Tensor | None = None,
+                       hi: HiRows | None = None, n_hist: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Keys and values (B, Hkv, C_h, D) in fp32, with the high-precision rows `hi` of the
+    first n_hist (B,) rows in place of their low-bit ones; keys optionally mapped by a per-head
+    matrix (Hkv, D, D) and then given RoPE at their positions (pre-RoPE storage)."""
     d = spec.head_dim
     if spec.k_per_channel:
         k = dequantize_channels(hist.k, hist.k_scale, hist.k_zero, spec.k_bits, d)
     else:
         k = dequantize_tokens(hist.k, hist.k_scale, hist.k_zero, spec.k_bits, d)
     v = dequantize_tokens(hist.v, hist.v_scale, hist.v_zero, spec.v_bits, d)
+    if hi is not None:
+        k, v = (_replace_rows(x, dequantize_tokens(codes, scale, zero, spec.hi_bits, d), hi.idx, n_hist, spec)
+                for x, codes, scale, zero in ((k, hi.k, hi.k_scale, hi.k_zero), (v, hi.v, hi.v_scale, hi.v_zero)))
     if key_matrix is not None:
         k = k @ key_matrix.float()[None]
     if rope is not None:
         pos = (rope.pos0[:, None] + torch.arange(k.shape[2], device=k.device)).clamp(max=rope.cos.shape[0] - 1)
         k = apply_rope(k, rope.cos[pos][:, None].float(), rope.sin[pos][:, None].float())
     return k, v
+
+
+def _replace_rows(x: Tensor, rows: Tensor, idx: Tensor, n_hist: Tensor, spec: Spec) -> Tensor:
+    """x (B, Hkv, C_h, D) with rows (B, Hkv, n, D) written at history rows idx; rows of blocks
+    past n_hist go to a scratch row that is then dropped (their idx is stale)."""
+    filled = torch.arange(idx.shape[2], device=idx.device) < (n_hist // spec.block * spec.hi_rows)[:, None, None]
+    dest = torch.where(filled, idx.long(), x.shape[2])[..., None].expand_as(rows)
+    return torch.cat([x, x[:, :, :1]], 2).scatter(2, dest, rows)[:, :, :-1]
 
 
 def window_valid(lengths: Tensor, n_hist: Tensor, n_sink: int, ring: int) -> Tensor:
@@ -43,7 +55,7 @@ def prefill_attention(q: Tensor, k_new: Tensor, v_new: Tensor, sink_k: Tensor, s
                       hist: History, spec: Spec, n_hist: Tensor, win_k: Tensor, win_v: Tensor, *,
                       q_hist: Tensor | None = None, rope: PreRope | None = None, key_matrix: Tensor | None = None,
                       value_matrix: Tensor | None = None, scale: float | None = None,
-                      mass: Tensor | None = None) -> Tensor:
+                      mass: Tensor | None = None, hi: HiRows | None = None) -> Tensor:
     """T new tokens per sequence attend over what the store holds, then over themselves causally.
 
     q (B, Hq, T, D) meets the sinks (B, Hkv, n_sink, D), valid below `lengths` (B,: tokens held
@@ -51,12 +63,13 @@ def prefill_attention(q: Tensor, k_new: Tensor, v_new: Tensor, sink_k: Tensor, s
     n_sink + n_hist .. lengths-1, and the chunk's own keys and values k_new, v_new (B, Hkv, T, D).
     History rows below n_hist (B,) are in stored space: `q_hist` (default q) meets their keys after
     `key_matrix` (Hkv, D, D: k @ M, before RoPE) and `rope`; their values are mapped back by
-    `value_matrix` (D, D: o @ M) once summed. If `mass` (B, Hkv, R) is given, each ring slot's
-    probability, summed over queries and the query heads of its group, is added to it (MiKV).
+    `value_matrix` (D, D: o @ M) once summed; `hi` (MiKV) replaces some of them. If `mass`
+    (B, Hkv, R + T) is given, the probability of each ring slot and then of each new token, summed
+    over queries and the query heads of its group, is added to it (MiKV's importance).
     Returns (B, Hq, T, D) in q's dtype."""
     B, Hq, T, D = q.shape
     Hkv, n_sink, R = sink_k.shape[1], sink_k.shape[2], win_k.shape[2]
-    k_h, v_h = dequantize_history(hist, spec, rope, key_matrix)
+    k_h, v_h = dequantize_history(hist, spec, rope, key_matrix, hi, n_hist)
     cap, dev = k_h.shape[2], q.device
     held = torch.cat([torch.arange(n_sink, device=dev) < lengths[:, None],
                       torch.arange(cap, device=dev) < n_hist[:, None],
@@ -76,7 +89,7 @@ def prefill_attention(q: Tensor, k_new: Tensor, v_new: Tensor, sink_k: Tensor, s
     visible = torch.cat([held[:, :, None, None, :, 0].expand(B, 1, 1, T, -1), causal.expand(B, 1, 1, T, n_new)], -1)
     p = (scores * (scale or 1 / math.sqrt(D))).masked_fill(~visible, float("-inf")).softmax(-1)
     if mass is not None:
-        mass += p[..., n_sink + cap:n_sink + cap + R].sum((2, 3))
+        mass += p[..., n_sink + cap:].sum((2, 3))
     hist_out = p[..., h] @ values[:, :, None, h]
     if value_matrix is not None:
         hist_out = hist_out @ value_matrix.float()
@@ -88,14 +101,15 @@ def decode_attention(q: Tensor, sink_k: Tensor, sink_v: Tensor, lengths: Tensor,
                      n_hist: Tensor, win_k: Tensor, win_v: Tensor, *, q_hist: Tensor | None = None,
                      rope: PreRope | None = None, key_matrix: Tensor | None = None,
                      value_matrix: Tensor | None = None, scale: float | None = None,
-                     mass: Tensor | None = None) -> Tensor:
+                     mass: Tensor | None = None, hi: HiRows | None = None) -> Tensor:
     """One query token per sequence, q (B, Hq, D), that the store already holds: `lengths`
-    counts it and its key and value sit in their sink or ring slot. Otherwise as prefill_attention."""
+    counts it and its key and value sit in their sink or ring slot; `mass` is (B, Hkv, R).
+    Otherwise as prefill_attention."""
     B, Hkv, D = q.shape[0], sink_k.shape[1], q.shape[-1]
     none = q.new_zeros(B, Hkv, 0, D)
     return prefill_attention(q[:, :, None], none, none, sink_k, sink_v, lengths, hist, spec, n_hist, win_k, win_v,
                              q_hist=None if q_hist is None else q_hist[:, :, None], rope=rope,
-                             key_matrix=key_matrix, value_matrix=value_matrix, scale=scale, mass=mass)[:, :, 0]
+                             key_matrix=key_matrix, value_matrix=value_matrix, scale=scale, mass=mass, hi=hi)[:, :, 0]
 
 
 def quantize_block(k: Tensor, v: Tensor, spec: Spec, clip_k: float = 1.0, clip_v: float = 1.0) -> History:

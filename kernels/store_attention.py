@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from kernels.decode_attention import decode_attention
-from kernels.layout import History, PreRope, Spec
+from kernels.layout import HiRows, History, PreRope, Spec
 from kernels.prefill_attention import prefill_attention
 from kernels.quantize_pack import quantize_pack
 
@@ -25,24 +25,35 @@ T = TypeVar("T")
 
 def supported(store, layer: int) -> bool:
     """Whether the kernels cover this layer's settings, else the store's reference path runs:
-    not MiKV's high-precision rows, unquantized (16-bit) history, sliding-window models, or head
-    dims that are not a power of two >= 32 (tensor-core tiles need halves of >= 16 channels)."""
+    not unquantized (16-bit) history, sliding-window models, head dims that are not a power of
+    two >= 32 (tensor-core tiles need halves of >= 16 channels), or MiKV rows for only one of keys
+    and values (a row replaces both or neither)."""
     plan = store.plans[layer]
     D = store.head_dim
-    return (store.n_hi == 0 and store.sliding_window is None and 16 not in (plan.bits_k, plan.bits_v)
-            and D >= 32 and D & (D - 1) == 0)
+    return (store.sliding_window is None and 16 not in (plan.bits_k, plan.bits_v) and D >= 32 and D & (D - 1) == 0
+            and store._hi(plan.bits_k) == store._hi(plan.bits_v))
 
 
 def spec(store, layer: int) -> Spec:
     s, plan = store.settings, store.plans[layer]
+    hi_rows = store.n_hi if store.mikv_layer(layer) else 0
     return _cached(store, ("spec", layer), lambda: Spec(store.head_dim, plan.bits_k, plan.bits_v,
-                                                         s.key_axis == "channel", s.group, s.group_k, s.group_v))
+                                                         s.key_axis == "channel", s.group, s.group_k, s.group_v,
+                                                         store.hi_bits if hi_rows else 0, hi_rows))
 
 
 def _history(store, layer: int, rows: slice = slice(None)) -> History:
     """One layer's packed history, of the sequences `rows` (views: the batch is the leading dim)."""
     return History(store.hist_k[layer][rows], store.hist_v[layer][rows], store.k_scale[layer][rows],
                    store.k_zero[layer][rows], store.v_scale[layer][rows], store.v_zero[layer][rows])
+
+
+def _hi_rows(store, layer: int) -> HiRows | None:
+    """One layer's MiKV rows, if it has them."""
+    if not store.mikv_layer(layer):
+        return None
+    return HiRows(store.hi_k[layer], store.hi_v[layer], store.hk_scale[layer], store.hk_zero[layer],
+                  store.hv_scale[layer], store.hv_zero[layer], store.hi_idx[layer])
 
 
 def _cached(store, key: tuple, make: Callable[[], T]) -> T:
@@ -99,34 +110,45 @@ def _kwargs(store, layer: int, q: Tensor) -> dict:
     return kw
 
 
-def attend(store, layer: int, q: Tensor, k: Tensor, v: Tensor, start: int) -> Tensor:
+def attend(store, layer: int, q: Tensor, k: Tensor, v: Tensor, start: int) -> tuple[Tensor, Tensor | None]:
     """Attention of a chunk of T new tokens per sequence (q (B, Hq, T, D), k, v (B, H, T, D) at
     positions start.., the same for every sequence) over what the store holds plus, causally,
-    themselves; the store's append writes them next."""
-    B = q.shape[0]
+    themselves; the store's append writes them next. With MiKV rows the ring's attention mass is
+    added to the store's and the new tokens' (B, H, T) is returned beside the output."""
+    B, T = q.shape[0], q.shape[2]
     full = lambda n: torch.full((B,), n, device=q.device, dtype=torch.int32)  # noqa: E731
-    return prefill_attention(q.contiguous(), k.contiguous(), v.contiguous(), store.sink_k[layer], store.sink_v[layer],
-                             full(start), _history(store, layer), spec(store, layer), full(store.n_hist(start)),
-                             store.win_k[layer], store.win_v[layer], **_kwargs(store, layer, q))
+    hi = _hi_rows(store, layer)
+    mass = None if hi is None else torch.zeros(B, store.n_kv_heads, store.ring + T, device=q.device)
+    out = prefill_attention(q.contiguous(), k.contiguous(), v.contiguous(), store.sink_k[layer], store.sink_v[layer],
+                            full(start), _history(store, layer), spec(store, layer), full(store.n_hist(start)),
+                            store.win_k[layer], store.win_v[layer], mass=mass, hi=hi, **_kwargs(store, layer, q))
+    if mass is None:
+        return out, None
+    store.win_mass[layer] += mass[:, :, :store.ring]
+    return out, mass[:, :, store.ring:]
 
 
 def decode(store, layer: int, q: Tensor) -> Tensor:
     """Attention of one new token per sequence, q (B, Hq, 1, D), already written into its ring slot,
-    over what the store holds. Fill levels come from the device (store.step_lengths, step_n_hist),
-    so the launch fits any lengths, per sequence, and a CUDA graph can replay it; the split count
-    follows the history's capacity, not its fill."""
+    over what the store holds; with MiKV rows it adds the ring's attention mass to the store's.
+    Fill levels come from the device (store.step_lengths, step_n_hist), so the launch fits any
+    lengths, per sequence, and a CUDA graph can replay it; the split count follows the history's
+    capacity, not its fill."""
     kw = _kwargs(store, layer, q)
     if "q_hist" in kw:
         kw["q_hist"] = kw["q_hist"][:, :, 0]
+    hi = _hi_rows(store, layer)
     return decode_attention(q[:, :, 0].contiguous(), store.sink_k[layer], store.sink_v[layer], store.step_lengths,
                             _history(store, layer), spec(store, layer), store.step_n_hist, store.win_k[layer],
-                            store.win_v[layer], **kw)[:, :, None]
+                            store.win_v[layer], mass=None if hi is None else store.win_mass[layer], hi=hi,
+                            **kw)[:, :, None]
 
 
 def flush(store, layer: int, k: Tensor, v: Tensor, a: int, b: int, src0: int = 0, rows: slice = slice(None)) -> None:
     """Quantize attention-space keys and values of positions hist_pos0+a.. into history rows a..b-1
     of the sequences `rows`, in one launch (the store's _write, fused): b-a rows of k, v
-    (B', H, S, D) from row src0 on, wrapping modulo S (so straight from the ring)."""
+    (B', H, S, D) from row src0 on, wrapping modulo S (so straight from the ring). MiKV's rows,
+    a few per block, are the store's to write."""
     s, plan = store.settings, store.plans[layer]
     kw = {}
     if s.prerope:

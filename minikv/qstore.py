@@ -232,6 +232,10 @@ class QuantizedStore(KVStore):
         """Whether a tensor of this width gets MiKV's high-precision rows."""
         return self.n_hi > 0 and bits < self.hi_bits
 
+    def mikv_layer(self, layer: int) -> bool:
+        """Whether this layer's keys or values get MiKV's rows (so its attention mass is kept)."""
+        return self._hi(self.plans[layer].bits_k) or self._hi(self.plans[layer].bits_v)
+
     def used_part(self, name: str, t: Tensor) -> Tensor:
         """Saved sessions keep only the filled part of the history buffers."""
         if t.dim() < 3:
@@ -339,19 +343,21 @@ class QuantizedStore(KVStore):
             group = self.settings.group_k if kind == "k" else self.settings.group_v
             hist[:, :, a:b], scale[layer][:, :, a:b], zero[layer][:, :, a:b] = quantize_tokens(x, bits, group, clip)
 
-    def _write_important(self, layer: int, ks: Tensor, vs: Tensor, a: int, b: int, mass: Tensor) -> None:
-        """MiKV: the n_hi heaviest tokens of each G-block also get hi_bits per-token codes."""
+    def _write_important(self, layer: int, ks: Tensor, vs: Tensor, a: int, b: int, mass: Tensor,
+                         rows: slice = slice(None)) -> None:
+        """MiKV: the n_hi heaviest tokens of each G-block also get hi_bits per-token codes
+        (stored-space ks, vs (B', H, b-a, D) and their mass of the sequences `rows`)."""
         G, n_hi, s = self.group, self.n_hi, self.settings
         top = mass.unflatten(-1, ((b - a) // G, G)).topk(n_hi, dim=-1).indices  # (B, H, blocks, n_hi)
         local = (top + torch.arange(0, b - a, G, device=self.device)[:, None]).flatten(-2)  # (B, H, n)
         j0, j1 = a // G * n_hi, b // G * n_hi
-        self.hi_idx[layer][:, :, j0:j1] = (local + a).to(torch.int32)
+        self.hi_idx[layer][rows, :, j0:j1] = (local + a).to(torch.int32)
         idx = local[..., None].expand(-1, -1, -1, self.head_dim)
         for x, bits, codes, scale, zero, group in (
                 (ks, self.plans[layer].bits_k, self.hi_k, self.hk_scale, self.hk_zero, s.group_k),
                 (vs, self.plans[layer].bits_v, self.hi_v, self.hv_scale, self.hv_zero, s.group_v)):
             if self._hi(bits):
-                codes[layer][:, :, j0:j1], scale[layer][:, :, j0:j1], zero[layer][:, :, j0:j1] = \
+                codes[layer][rows, :, j0:j1], scale[layer][rows, :, j0:j1], zero[layer][rows, :, j0:j1] = \
                     quantize_tokens(x.gather(2, idx), self.hi_bits, group)
 
     def _read(self, layer: int, kind: str, a: int, b: int) -> Tensor:
@@ -401,15 +407,17 @@ class QuantizedStore(KVStore):
 
     def _flush(self, layer: int, k: Tensor, v: Tensor, a: int, b: int, mass: Tensor | None) -> None:
         """Move full-precision tokens k, v (B, H, b-a, D) into history slots [a, b)."""
+        pos = torch.arange(self.hist_pos0 + a, self.hist_pos0 + b, device=self.device)
         if self._fast[layer]:  # one fused quantize-and-pack launch
             self._kernels.flush(self, layer, k, v, a, b)
+            if mass is not None and self.mikv_layer(layer):
+                self._write_important(layer, self._key_to_stored(layer, k, pos), self._value_rotate(v), a, b, mass)
             return
         plan = self.plans[layer]
-        pos = torch.arange(self.hist_pos0 + a, self.hist_pos0 + b, device=self.device)
         ks, vs = self._key_to_stored(layer, k, pos), self._value_rotate(v)
         self._write(layer, "k", ks, a, b, plan.clip_k)
         self._write(layer, "v", vs, a, b, plan.clip_v)
-        if mass is not None and (self._hi(plan.bits_k) or self._hi(plan.bits_v)):
+        if mass is not None and self.mikv_layer(layer):
             self._write_important(layer, ks, vs, a, b, mass)
         if self.view_k:
             self.view_k[layer][:, :, a:b], self.view_v[layer][:, :, a:b] = self.history(layer, a, b)
@@ -487,8 +495,8 @@ class QuantizedStore(KVStore):
             self._put(layer, k, v)
             return self._kernels.decode(self, layer, q)
         start = self._start()
-        out = self._kernels.attend(self, layer, q, k, v, start)
-        self._append(layer, k, v, start, None)
+        out, mass = self._kernels.attend(self, layer, q, k, v, start)
+        self._append(layer, k, v, start, mass)
         return out
 
     def write(self, layer: int, k: Tensor, v: Tensor) -> None:
@@ -505,15 +513,27 @@ class QuantizedStore(KVStore):
 
     def advance(self, n: int) -> None:
         """A single token through the kernels was only written to the ring: the blocks it filled move
-        to the history now, one quantize-and-pack launch per layer and sequence (a batch row is a view)."""
+        to the history now, one quantize-and-pack launch per layer and sequence (a batch row is a view),
+        and MiKV's rows from the ring's attention mass."""
         if n == 1 and self._first_fast >= 0:
             moves = [(b, self.n_hist(length)) for b, length in enumerate(self.lengths)
                      if self.n_hist(length + 1) > self.n_hist(length)]
             for layer in (layer for layer, fast in enumerate(self._fast) if fast):
                 for b, a in moves:
-                    self._kernels.flush(self, layer, self.win_k[layer][b:b + 1], self.win_v[layer][b:b + 1], a,
-                                        a + self.group, src0=a % self.ring, rows=slice(b, b + 1))
+                    rows = slice(b, b + 1)
+                    self._kernels.flush(self, layer, self.win_k[layer][rows], self.win_v[layer][rows], a,
+                                        a + self.group, src0=a % self.ring, rows=rows)
+                    if self.mikv_layer(layer):
+                        self._write_important_of_ring(layer, a, rows)
         super().advance(n)
+
+    def _write_important_of_ring(self, layer: int, a: int, rows: slice) -> None:
+        """MiKV's rows of history slots a.. a+G-1, from the ring where they wait (sequences `rows`)."""
+        p0 = self.hist_pos0 + a
+        slots, pos = self.ring_slots(p0, p0 + self.group), torch.arange(p0, p0 + self.group, device=self.device)
+        k, v = self.win_k[layer][rows][:, :, slots], self.win_v[layer][rows][:, :, slots]
+        self._write_important(layer, self._key_to_stored(layer, k, pos), self._value_rotate(v), a, a + self.group,
+                              self.win_mass[layer][rows][:, :, slots], rows)
 
     def _begin_step(self, start: Tensor) -> None:
         """A decode step's fill levels from its positions (B,), on the device (the schedule in the
@@ -527,6 +547,8 @@ class QuantizedStore(KVStore):
     def _put(self, layer: int, k: Tensor, v: Tensor) -> None:
         """Write one new token per sequence, k, v (B, H, 1, D), into its ring slot by device-side
         indexing; while a sequence is still in its sinks (never in a replayed step), by host lengths."""
+        if self.mikv_layer(layer):  # the slot's mass so far was its previous token's
+            self.win_mass[layer][self._rows, :, self._slot] = 0.0
         if min(self.lengths) >= self.n_sink:
             self.win_k[layer][self._rows, :, self._slot] = k[:, :, 0]
             self.win_v[layer][self._rows, :, self._slot] = v[:, :, 0]

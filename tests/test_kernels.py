@@ -9,6 +9,8 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -16,7 +18,7 @@ pytest.importorskip("triton")
 
 from kernels import reference  # noqa: E402
 from kernels.decode_attention import decode_attention  # noqa: E402
-from kernels.layout import History, PreRope, Spec  # noqa: E402
+from kernels.layout import HiRows, History, PreRope, Spec  # noqa: E402
 from minikv.model import apply_rope  # noqa: E402
 from minikv.quant import hadamard  # noqa: E402
 from minikv.store import reference_attention  # noqa: E402
@@ -80,11 +82,29 @@ def _state(spec: Spec, n_kv: int, group: int, prerope: bool, fold: bool, seed: i
     return (q, sink_k, sink_v, lengths, hist, spec, n_hist, win_k, win_v), kw, a
 
 
+def _hi_rows(spec: Spec, n_kv: int, seed: int) -> HiRows:
+    """Random MiKV rows for every block of the history, filled or not (past n_hist their idx is stale)."""
+    g = torch.Generator().manual_seed(seed)
+    B, D, block = len(LENGTHS), spec.head_dim, spec.block
+    n = C_H // block * spec.hi_rows
+    blocks = torch.rand(B, n_kv, C_H // block, block, generator=g).argsort(-1)[..., :spec.hi_rows]
+    idx = (blocks + torch.arange(0, C_H, block)[:, None]).flatten(-2).int()
+
+    def meta(group, lo, hi):
+        return (torch.rand(B, n_kv, n, D // group, generator=g) * (hi - lo) + lo).half()
+
+    codes = [torch.randint(0, 256, (B, n_kv, n, spec.packed_bytes(spec.hi_bits)), generator=g, dtype=torch.uint8)
+             for _ in range(2)]
+    return HiRows(codes[0], codes[1], meta(spec.k_group, 0.01, 0.03), meta(spec.k_group, -4, -2),
+                  meta(spec.v_group, 0.01, 0.03), meta(spec.v_group, -4, -2), idx)
+
+
 def _direct(args, kw, a, extra=None) -> torch.Tensor:
     """Attention over the dequantized concatenation in attention space (and `extra` keys and
     values (B, Hkv, n, D) after it), through minikv.store.reference_attention."""
     q, sink_k, sink_v, lengths, hist, spec, n_hist, win_k, win_v = args
-    k_h, v_h = reference.dequantize_history(hist, spec, kw.get("rope"), kw.get("key_matrix"))
+    k_h, v_h = reference.dequantize_history(hist, spec, kw.get("rope"), kw.get("key_matrix"), kw.get("hi"),
+                                            n_hist)
     if a is not None:
         k_h = k_h @ a.mT[None]
     if "value_matrix" in kw:
@@ -133,6 +153,30 @@ def test_decode_matches_twin(case, splits, block_n):
     assert mass_ref.sum() > 0
     if splits == 1:
         torch.testing.assert_close(want, _direct(args, kw, a), atol=1e-5, rtol=1e-5)
+
+
+HI_CASES = [  # case, splits, block_n, block: post-RoPE folded, pre-RoPE, pre-RoPE with a key matrix;
+    (CASES[1], 1, 16, G), (CASES[2], 3, 32, G), (CASES[6], 1, 32, G),  # tiles of one and of two blocks
+    (CASES[6], 3, 16, 2 * G),  # tiles of half a block (per-token keys: the block is only MiKV's)
+]
+
+
+@pytest.mark.parametrize("case, splits, block_n, block", HI_CASES,
+                         ids=lambda x: _case_id(x) if isinstance(x, tuple) else str(x))
+def test_decode_with_high_precision_rows(case, splits, block_n, block):
+    """MiKV: a quarter of each block's rows attended through their 8-bit twins instead."""
+    k_bits, v_bits, per_channel, kg, vg, group, prerope, fold = case
+    spec = Spec(32, k_bits, v_bits, per_channel, block, kg, vg, hi_bits=8, hi_rows=block // 4)
+    args, kw, _ = _state(spec, 2, group, prerope, fold, seed=sum(case))
+    hi = _hi_rows(spec, 2, seed=splits)
+    mass_ref, mass = torch.zeros(len(LENGTHS), 2, R), torch.zeros(len(LENGTHS), 2, R)
+    want = reference.decode_attention(*args, **kw, mass=mass_ref, hi=hi)
+    got = decode_attention(*args, **kw, mass=mass, hi=hi, splits=splits, block_n=block_n, block_w=16)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(mass, mass_ref, atol=1e-5, rtol=1e-4)
+    low_bit = reference.decode_attention(*args[:5], replace(spec, hi_rows=0), *args[6:], **kw)
+    assert (want - low_bit)[1:].abs().amax() > 0.05  # the rows matter where the history holds tokens
+    torch.testing.assert_close(want[0], low_bit[0])  # and nowhere else: the first holds none
 
 
 @pytest.mark.parametrize("case", [CASES[i] for i in (1, 2, 4, 6, 9)], ids=_case_id)
@@ -189,7 +233,7 @@ def test_store_path_matches_the_store(name):
     for T in (60, 39, 1, 1):  # 99 tokens: the ring holds W + G - 1, so the next token moves a block
         q, k, v = (torch.randn(B, h, T, D, generator=g) for h in (n_kv * group, n_kv, n_kv))
         start, pos = fast.length, fast.positions(T)
-        got = store_attention.attend(fast, 0, q, k, v, start)
+        got, _ = store_attention.attend(fast, 0, q, k, v, start)
         fast._append(0, k, v, start, None)
         want = ref.attend(0, q, k, v, pos)
         for st in stores:
@@ -255,14 +299,19 @@ def test_quantize_pack_matches_twin(case):
             assert torch.equal(got_t, want_t)
 
 
-@pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[6], CASES[9]], ids=_case_id)
-def test_prefill_matches_twin(case):
-    """A chunk of 21 tokens (two query blocks, the last partial) after what the store holds."""
+@pytest.mark.parametrize("case, mikv", [(CASES[1], False), (CASES[2], True), (CASES[6], False), (CASES[9], False),
+                                        (CASES[6], True)], ids=lambda x: _case_id(x) if isinstance(x, tuple) else
+                         ("mikv" if x else ""))
+def test_prefill_matches_twin(case, mikv):
+    """A chunk of 21 tokens (two query blocks, the last partial) after what the store holds; with
+    MiKV's rows, and the attention mass of the ring and of the chunk's own tokens."""
     from kernels.prefill_attention import prefill_attention
 
     k_bits, v_bits, per_channel, kg, vg, group, prerope, fold = case
-    spec = Spec(32, k_bits, v_bits, per_channel, G, kg, vg)
+    spec = Spec(32, k_bits, v_bits, per_channel, G, kg, vg, hi_bits=8 if mikv else 0, hi_rows=4 if mikv else 0)
     args, kw, a = _state(spec, 2, group, prerope, False, seed=sum(case))
+    if mikv:
+        kw["hi"] = _hi_rows(spec, 2, seed=5)
     q, sink_k, sink_v, lengths, hist, spec, n_hist, win_k, win_v = args
     g = torch.Generator().manual_seed(7)
     B, T, D = len(LENGTHS), 21, 32
@@ -272,11 +321,12 @@ def test_prefill_matches_twin(case):
         kw["value_matrix"] = hadamard(D)
         kw["q_hist"] = torch.randn(B, 2 * group, T, D, generator=g)
     chunk_args = (q, k_new, v_new, sink_k, sink_v, lengths, hist, spec, n_hist, win_k, win_v)
-    mass_ref, mass = torch.zeros(B, 2, R), torch.zeros(B, 2, R)
+    mass_ref, mass = torch.zeros(B, 2, R + T), torch.zeros(B, 2, R + T)
     want = reference.prefill_attention(*chunk_args, **kw, mass=mass_ref)
     got = prefill_attention(*chunk_args, **kw, mass=mass, block_m=16 // group, block_n=32, block_w=16)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(mass, mass_ref, atol=1e-4, rtol=1e-4)
+    assert (mass_ref[:, :, R:] > 0).all()  # every new token is seen, by itself at least
     if not fold:  # against attention over the concatenation, one query token at a time
         for t in (0, 9, T - 1):
             held = (q[:, :, t], sink_k, sink_v, lengths, hist, spec, n_hist, win_k, win_v)

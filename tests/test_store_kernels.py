@@ -26,9 +26,10 @@ needs_triton = pytest.mark.skipif(find_spec("triton") is None, reason="the kerne
 
 D, N_KV, GROUP, CAP = 32, 1, 2, 600
 SMALL = dict(group=8, group_k=8, group_v=8, window=8, n_sink=2)
-PRESETS = {  # post-RoPE keys per channel; rotated pre-RoPE keys per channel
+PRESETS = {  # post-RoPE keys per channel; rotated pre-RoPE keys per channel; rotated, with MiKV's 8-bit rows
     "kivi2": KVSettings.from_preset("kivi2", **SMALL),
     "k4v2": KVSettings.from_preset("k4v2", **SMALL),
+    "mikv": KVSettings.from_preset("mikv", **SMALL),
 }
 
 
@@ -54,7 +55,8 @@ def step(store: QuantizedStore, q, k, v) -> torch.Tensor:
 @pytest.mark.parametrize("name", PRESETS)
 def test_kernel_path_equals_reference_path(name):
     """Prefill chunks and decode steps across three block moves (by decode step, by chunk, by decode
-    step), the ring wrapping twice: the same outputs through the kernels as through the reference."""
+    step), the ring wrapping twice: the same outputs through the kernels as through the reference,
+    and with MiKV the same tokens kept at high precision (chosen by the attention mass of each path)."""
     # The reference without its fp16 working copy dequantizes the history exactly, as the kernels do.
     fast, ref = make(PRESETS[name], True), make(PRESETS[name], False, mirror=False)
     assert fast.static is False and not fast.view_k and not ref.view_k  # CPU: no graph
@@ -63,6 +65,8 @@ def test_kernel_path_equals_reference_path(name):
         q, k, v = qkv(g, T)
         torch.testing.assert_close(step(fast, q, k, v), step(ref, q, k, v), atol=1e-4, rtol=1e-4)
     assert fast.n_hist(fast.length) == 24
+    kept = [store.used_part("hi_idx", store.hi_idx[0]) for store in (fast, ref)]
+    assert torch.equal(*kept) and kept[0].numel() == (3 if name == "mikv" else 0)
 
 
 def _batch(stores: list[QuantizedStore]) -> QuantizedStore:
@@ -78,10 +82,11 @@ def _batch(stores: list[QuantizedStore]) -> QuantizedStore:
 
 
 @needs_triton
-def test_sequences_of_different_lengths_decode_together():
+@pytest.mark.parametrize("name", ["kivi2", "mikv"])
+def test_sequences_of_different_lengths_decode_together(name):
     """One sequence still in its sinks, the other past a block move, decode together (the first
     into its ring, the second through another block move): each gets what it gets alone."""
-    s = PRESETS["kivi2"]
+    s = PRESETS[name]
     g = torch.Generator().manual_seed(1)
     alone = [make(s, True), make(s, True)]
     for store, T in zip(alone, (1, 19)):
