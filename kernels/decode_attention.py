@@ -24,7 +24,6 @@ from torch import Tensor
 
 from kernels.dequant import dequant_channels, dequant_tokens, rope_halves, rope_rows
 from kernels.layout import HiRows, History, PreRope, Spec
-from kernels.reference import window_valid
 
 LOG2E = 1.4426950408889634
 
@@ -356,12 +355,14 @@ def attention(q: Tensor, k_new: Tensor | None, v_new: Tensor | None, sink_k: Ten
         _combine_kernel[(B * Hq * T,)](part, part_h, q if value_matrix is None else value_matrix, m, l, out, lse,
                                        SPLITS=splits, SPLITS_P=triton.next_power_of_2(splits), D=D,
                                        SPLIT_V=split_v, CHUNK=min(D, 32), num_warps=4)
-    if mass is not None:
-        _add_mass(q, win_k, window_valid(lengths, n_hist, n_sink, R)[:, None, None, None], lse, qk_scale,
-                  mass[:, :, :R])
-        if chunk:
-            _add_mass(q, k_new, torch.ones(T, T, dtype=torch.bool, device=q.device).tril(), lse, qk_scale,
-                      mass[:, :, R:])
+    if mass is not None:  # MiKV: the ring's (and the chunk's) mass, recomputed from the log-sum-exp
+        if mass.stride(2) != 1 or mass.stride(0) != Hkv * mass.stride(1):
+            raise ValueError("mass must be (B, Hkv, N) with contiguous rows")
+        for keys, n, ring in ((win_k, R, True), (k_new, T, False))[:1 + chunk]:
+            _mass_kernel[(B * Hkv, triton.cdiv(n, 64))](
+                q, keys, lse, mass if ring else mass[:, :, R:], lengths, n_hist, qk_scale, Hkv, T, n, n_sink,
+                mass.stride(1), GROUP=group, D=D, RING=ring, BLOCK_Q=16, BLOCK_K=64,
+                PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4)
     return out
 
 
@@ -389,13 +390,32 @@ def decode_attention(q: Tensor, sink_k: Tensor, sink_v: Tensor, lengths: Tensor,
                      block_n=block_n, block_w=block_w, num_warps=num_warps, num_stages=num_stages)[:, :, 0]
 
 
-def _add_mass(q: Tensor, keys: Tensor, visible: Tensor, lse: Tensor, qk_scale: float, mass: Tensor) -> None:
-    """MiKV: add each full-precision key's probability, summed over the queries and the query
-    heads of its group, to `mass` (B, Hkv, N). keys (B, Hkv, N, D); visible broadcasts to
-    (B, Hkv, group, T, N). The ring and a chunk are small, so recomputing their scores from the
-    log-sum-exp beats keeping all of them."""
-    B, Hq, T, D = q.shape
-    Hkv = keys.shape[1]
-    s = q.float().view(B, Hkv, Hq // Hkv, T, D) @ keys.float()[:, :, None].mT * qk_scale
-    p = torch.exp2(s - lse.view(B, Hkv, -1, T, 1)).masked_fill(~visible, 0.0)
-    mass += p.sum((2, 3))
+@triton.jit
+def _mass_kernel(q_ptr, k_ptr, lse_ptr, mass_ptr, len_ptr, nh_ptr, qk_scale, Hkv, T, N, n_sink, mass_stride,
+                 GROUP: tl.constexpr, D: tl.constexpr, RING: tl.constexpr, BLOCK_Q: tl.constexpr,
+                 BLOCK_K: tl.constexpr, PREC: tl.constexpr):
+    """Program (sequence x KV head, block of keys): add each key's probability, summed over the
+    queries and the query heads of its group, to its mass. RING: the keys are the ring's N slots,
+    visible to every query where they hold a token; else a chunk's own N = T tokens, causally."""
+    bh = tl.program_id(0)
+    j = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    dd = tl.arange(0, D)
+    k = tl.load(k_ptr + (bh * N + j)[:, None] * D + dd[None, :], mask=(j < N)[:, None], other=0.0)
+    key_ok = j < N
+    if RING:  # slot (pos - n_sink) % N holds positions n_sink + n_hist .. length-1
+        n_hist = tl.load(nh_ptr + bh // Hkv)
+        key_ok = key_ok & ((j - n_hist % N + N) % N < tl.load(len_ptr + bh // Hkv) - n_sink - n_hist)
+    total = tl.zeros((BLOCK_K,), tl.float32)
+    for r0 in range(0, GROUP * T, BLOCK_Q):
+        r = r0 + tl.arange(0, BLOCK_Q)
+        qrow = bh * GROUP * T + r  # (sequence, KV head, head of the group, token), flat
+        row_ok = r < GROUP * T
+        q = tl.load(q_ptr + qrow[:, None] * D + dd[None, :], mask=row_ok[:, None], other=0.0)
+        lse = tl.load(lse_ptr + qrow, mask=row_ok, other=0.0)
+        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PREC) * qk_scale
+        vis = row_ok[:, None] & key_ok[None, :]
+        if not RING:
+            vis = vis & (j[None, :] <= (r % T)[:, None])
+        total += tl.sum(tl.where(vis, tl.exp2(s - lse[:, None]), 0.0), 0)
+    ptr = mass_ptr + bh * mass_stride + j
+    tl.store(ptr, tl.load(ptr, mask=key_ok, other=0.0) + total, mask=key_ok)

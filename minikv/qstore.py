@@ -121,7 +121,8 @@ def cat_into(out: Tensor, parts: list[Tensor]) -> Tensor:
 class QuantizedStore(KVStore):
     derived = ("rope_cos", "rope_sin", "hadamard", "perms", "inv_perms", "view_k", "view_v", "pos0", "step_lengths",
                "step_n_hist")
-    per_sequence = BUFFERS + ("view_k", "view_v", "_step_k", "_step_v", "pos0", "step_lengths", "step_n_hist", "_slot")
+    per_sequence = BUFFERS + ("view_k", "view_v", "_step_k", "_step_v", "pos0", "step_lengths", "step_n_hist", "_slot",
+                              "_no_mass")
 
     def __init__(self, n_layers: int, batch: int, capacity: int, n_kv_heads: int, head_dim: int,
                  window: int | None, dtype: torch.dtype, device: torch.device | str, *, settings: KVSettings,
@@ -180,6 +181,7 @@ class QuantizedStore(KVStore):
         self.step_lengths = torch.zeros(batch, **int32)  # tokens held after the new one
         self.step_n_hist = torch.zeros(batch, **int32)
         self._slot = torch.zeros(batch, dtype=torch.long, device=self.device)  # the new token's ring slot
+        self._no_mass = torch.zeros(batch, n_kv_heads, device=self.device)  # MiKV: a ring slot's mass, reset
         self._stepped: list[int] | None = None  # the host lengths the step was set for
         self._rows = torch.arange(batch, device=self.device)
         self._kernel_constants: dict = {}  # kernels.store_attention's per-layer constants (shared by row views)
@@ -548,7 +550,7 @@ class QuantizedStore(KVStore):
         """Write one new token per sequence, k, v (B, H, 1, D), into its ring slot by device-side
         indexing; while a sequence is still in its sinks (never in a replayed step), by host lengths."""
         if self.mikv_layer(layer):  # the slot's mass so far was its previous token's
-            self.win_mass[layer][self._rows, :, self._slot] = 0.0
+            self.win_mass[layer][self._rows, :, self._slot] = self._no_mass
         if min(self.lengths) >= self.n_sink:
             self.win_k[layer][self._rows, :, self._slot] = k[:, :, 0]
             self.win_v[layer][self._rows, :, self._slot] = v[:, :, 0]

@@ -179,20 +179,23 @@ def test_cuda_graph_needs_a_static_cuda_store():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("compile", [False, True])
-def test_graph_decode_matches_eager(compile):
-    model = tiny("cuda")
+@pytest.mark.parametrize("kv, compile", [("fp16", False), ("fp16", True), ("kivi2", False), ("mikv", False)])
+def test_graph_decode_matches_eager(kv, compile):
+    """20 decode steps replayed as one graph each give the eager logits: a full-precision store, and
+    quantized stores through the kernels across two block moves (with MiKV, its rows and mass)."""
+    model = tiny("cuda", dim=128)  # head dim 32: the kernels' smallest
+    settings = KVSettings.from_preset(kv, group=8, group_k=8, group_v=8, window=8, n_sink=2)
     prompt = torch.randint(0, TINY["vocab_size"], (2, 7), device="cuda")
     outs = []
     for graph in (False, True):
-        engine = Engine(model, None, store_for(model, batch=2, capacity=32, static=True))
+        engine = Engine(model, None, make_store(model.config, settings, 2, 48, torch.float32, "cuda", static=True))
         if graph:
             enable_cuda_graph(engine, compile=compile)
             assert isinstance(engine.decode_step, GraphDecodeStep)
         with torch.inference_mode():
             ids = engine.forward(prompt).argmax(-1, keepdim=True)
             steps = []
-            for _ in range(5):
+            for _ in range(20):
                 logits = engine.forward(ids)
                 steps.append(logits.clone())
                 ids = logits.argmax(-1, keepdim=True)
