@@ -1,0 +1,74 @@
+"""What each step of dequantizing costs in the decode kernel: times copies of kernels/ with one
+step removed (their results are wrong; only their speed means anything), on a CUDA GPU.
+
+    python docs/bench/dequant_parts.py --out FILE.json        (from the repository root)
+
+Variants: base (as shipped); no_v_affine (values skip code * scale + zero); no_k_affine (per-channel
+keys skip it); no_sub (codes stay 1024 + code); and their combinations. Each runs in its own process,
+CUDA-graph time of one decode-attention call at batch 8, 32K tokens, GQA 32/8, D 128.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+AFFINE_V = ("    return tl.reshape(codes * s[:, :, None] + z[:, :, None], (N, NCH))",
+            "    if NCH < D:\n        return tl.reshape(codes * s[:, :, None] + z[:, :, None], (N, NCH))\n"
+            "    return tl.reshape(codes, (N, NCH))")  # values: the full width
+AFFINE_K = ("    return tl.reshape(codes * s[:, None, :] + z[:, None, :], (N, NCH))",
+            "    return tl.reshape(codes, (N, NCH))")  # per-channel keys
+SUB = ("        out = (codes | 0x6400).to(tl.float16, bitcast=True) - 1024.0",
+       "        out = (codes | 0x6400).to(tl.float16, bitcast=True)")
+VARIANTS = {"base": [], "no_v_affine": [AFFINE_V], "no_k_affine": [AFFINE_K], "no_sub": [SUB],
+            "no_affine": [AFFINE_V, AFFINE_K], "no_affine_no_sub": [AFFINE_V, AFFINE_K, SUB]}
+TIME = """
+import json, sys, torch
+import kernels
+assert kernels.__file__.startswith(sys.argv[1]), kernels.__file__  # the variant, not the repository's copy
+from kernels import bench_attention as ba
+from kernels.decode_attention import decode_attention
+out = {}
+for preset in %r:
+    args, kw, _ = ba.make_state(*ba.PRESETS[preset], 8, 32768)
+    out[preset] = ba.median_ms(lambda: decode_attention(*args, **kw), graph=True)
+    del args, kw
+    torch.cuda.empty_cache()
+print(json.dumps(out))
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--presets", nargs="+", default=["kivi2", "k4v2", "mikv"])
+    opts = ap.parse_args()
+    result = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, edits in VARIANTS.items():
+            dst = Path(tmp, name, "kernels")
+            shutil.copytree(ROOT / "kernels", dst, ignore=shutil.ignore_patterns("__pycache__"))
+            dequant = dst / "dequant.py"
+            text = dequant.read_text()
+            for old, new in edits:
+                assert old in text, f"{name}: the kernel changed, update the edit"
+                text = text.replace(old, new)
+            dequant.write_text(text)
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(dst.parent), str(ROOT)])}
+            run = subprocess.run([sys.executable, "-c", TIME % (opts.presets,), str(dst.parent)], env=env,
+                                 cwd=dst.parent, capture_output=True, text=True, check=True)
+            result[name] = json.loads(run.stdout.strip().splitlines()[-1])
+            print(name, json.dumps(result[name]), flush=True)
+    import torch
+    result["_gpu"] = torch.cuda.get_device_name(0)
+    opts.out.write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
