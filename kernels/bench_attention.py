@@ -72,8 +72,8 @@ def make_state(spec: Spec, rotated: bool, batch: int, length: int):
         hi_k_meta, hi_v_meta = (batch, HKV, n_hi, D // spec.k_group), (batch, HKV, n_hi, D // spec.v_group)
         rows = torch.rand(batch, HKV, cap // G, G, device=dev).argsort(-1)[..., :spec.hi_rows]
         idx = (rows + torch.arange(0, cap, G, device=dev)[:, None]).flatten(-2).int()
-        kw["hi"] = HiRows(*hi_codes, meta(hi_k_meta, 0.001), meta(hi_k_meta, -0.1), meta(hi_v_meta, 0.001),
-                          meta(hi_v_meta, -0.1), idx)
+        kw["hi"] = HiRows(History(*hi_codes, meta(hi_k_meta, 0.001), meta(hi_k_meta, -0.1),
+                                  meta(hi_v_meta, 0.001), meta(hi_v_meta, -0.1)), idx)
     args = (torch.randn(batch, HQ, D, device=dev, dtype=f16), torch.randn(batch, HKV, N_SINK, D, device=dev, dtype=f16),
             torch.randn(batch, HKV, N_SINK, D, device=dev, dtype=f16),
             torch.full((batch,), length, device=dev, dtype=torch.int32), hist, spec,

@@ -315,7 +315,8 @@ def attention(q: Tensor, k_new: Tensor | None, v_new: Tensor | None, sink_k: Ten
     q_hist = q if q_hist is None else q_hist
     chunk = k_new is not None
     k_new, v_new = (k_new, v_new) if chunk else (q, q)  # placeholders for decode
-    if not all(t.is_contiguous() for t in (q, q_hist, k_new, v_new, sink_k, sink_v, *hist, win_k, win_v, *(hi or ()))):
+    hi_tensors = [*hi.rows, hi.idx] if hi is not None else [hist.k] * 7  # placeholders without MiKV
+    if not all(t.is_contiguous() for t in (q, q_hist, k_new, v_new, sink_k, sink_v, *hist, win_k, win_v, *hi_tensors)):
         raise ValueError("the attention kernels need contiguous tensors")
     if (hi is None) != (spec.hi_rows == 0):
         raise ValueError("high-precision rows go with a spec that counts them (Spec.hi_rows)")
@@ -335,7 +336,7 @@ def attention(q: Tensor, k_new: Tensor | None, v_new: Tensor | None, sink_k: Ten
     bm = max(block_m, 16 // gp) if chunk else 1
     _attention_kernel[(B * Hkv, triton.cdiv(T, bm), splits)](
         q, q_hist, k_new, v_new, sink_k, sink_v, lengths, *hist, n_hist, win_k, win_v, cos, sin, pos0,
-        q if key_matrix is None else key_matrix, *(hi or [hist.k] * 7), part, part_h, m, l,
+        q if key_matrix is None else key_matrix, *hi_tensors, part, part_h, m, l,
         qk_scale, Hkv, T, n_sink, R, C_h, cos.shape[0], 0 if hi is None else hi.idx.shape[2],
         GROUP=group, GP=gp if chunk else max(16, gp), BM=bm, D=D,
         SINK_P=0 if n_sink == 0 else max(16, triton.next_power_of_2(n_sink)),

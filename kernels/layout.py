@@ -8,9 +8,10 @@ Per layer, every tensor has leading dims (B, Hkv). History token i of a sequence
                         keys per token: (B, Hkv, C_h, D/k_group).
   v_scale, v_zero       fp16, values per token: (B, Hkv, C_h, D/v_group).
 MiKV's high-precision rows (HiRows): of every block of G history rows, `hi_rows` tokens also have
-per-token hi_bits codes, which replace their low-bit key and value; n = C_h/G * hi_rows rows:
-  k, v                  uint8 (B, Hkv, n, D*hi_bits/8), packed as above
-  k_scale, k_zero       fp16 (B, Hkv, n, D/k_group); v_scale, v_zero fp16 (B, Hkv, n, D/v_group)
+per-token hi_bits codes, which replace their low-bit key and value; n = C_h/G * hi_rows rows,
+held as a History (keys per token) and an index:
+  rows.k, rows.v        uint8 (B, Hkv, n, D*hi_bits/8), packed as above
+  rows.k_scale, k_zero  fp16 (B, Hkv, n, D/k_group); rows.v_scale, v_zero fp16 (B, Hkv, n, D/v_group)
   idx                   int32 (B, Hkv, n): the history row each replaces, rows j*hi_rows.. within block j.
 A value is code * scale + zero. Channel permutations and Hadamard rotations are folded into q (and the
 output) by the caller, so nothing here ever un-permutes or un-rotates the cache.
@@ -73,14 +74,10 @@ class History(NamedTuple):
 
 
 class HiRows(NamedTuple):
-    """MiKV's high-precision rows of one layer (shapes in the module docstring)."""
+    """MiKV's high-precision rows of one layer (shapes in the module docstring): per-token codes
+    laid out like a history's, and the history row each replaces."""
 
-    k: Tensor
-    v: Tensor
-    k_scale: Tensor
-    k_zero: Tensor
-    v_scale: Tensor
-    v_zero: Tensor
+    rows: History
     idx: Tensor
 
 

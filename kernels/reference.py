@@ -28,7 +28,8 @@ def dequantize_history(hist: History, spec: Spec, rope: PreRope | None = None, k
     v = dequantize_tokens(hist.v, hist.v_scale, hist.v_zero, spec.v_bits, d)
     if hi is not None:
         k, v = (_replace_rows(x, dequantize_tokens(codes, scale, zero, spec.hi_bits, d), hi.idx, n_hist, spec)
-                for x, codes, scale, zero in ((k, hi.k, hi.k_scale, hi.k_zero), (v, hi.v, hi.v_scale, hi.v_zero)))
+                for x, codes, scale, zero in ((k, hi.rows.k, hi.rows.k_scale, hi.rows.k_zero),
+                                              (v, hi.rows.v, hi.rows.v_scale, hi.rows.v_zero)))
     if key_matrix is not None:
         k = k @ key_matrix.float()[None]
     if rope is not None:

@@ -52,8 +52,8 @@ def _hi_rows(store, layer: int) -> HiRows | None:
     """One layer's MiKV rows, if it has them."""
     if not store.mikv_layer(layer):
         return None
-    return HiRows(store.hi_k[layer], store.hi_v[layer], store.hk_scale[layer], store.hk_zero[layer],
-                  store.hv_scale[layer], store.hv_zero[layer], store.hi_idx[layer])
+    return HiRows(History(store.hi_k[layer], store.hi_v[layer], store.hk_scale[layer], store.hk_zero[layer],
+                          store.hv_scale[layer], store.hv_zero[layer]), store.hi_idx[layer])
 
 
 def _cached(store, key: tuple, make: Callable[[], T]) -> T:

@@ -95,8 +95,8 @@ def _hi_rows(spec: Spec, n_kv: int, seed: int) -> HiRows:
 
     codes = [torch.randint(0, 256, (B, n_kv, n, spec.packed_bytes(spec.hi_bits)), generator=g, dtype=torch.uint8)
              for _ in range(2)]
-    return HiRows(codes[0], codes[1], meta(spec.k_group, 0.01, 0.03), meta(spec.k_group, -4, -2),
-                  meta(spec.v_group, 0.01, 0.03), meta(spec.v_group, -4, -2), idx)
+    return HiRows(History(codes[0], codes[1], meta(spec.k_group, 0.01, 0.03), meta(spec.k_group, -4, -2),
+                          meta(spec.v_group, 0.01, 0.03), meta(spec.v_group, -4, -2)), idx)
 
 
 def _direct(args, kw, a, extra=None) -> torch.Tensor:
