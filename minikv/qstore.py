@@ -362,6 +362,13 @@ class QuantizedStore(KVStore):
                 codes[layer][rows, :, j0:j1], scale[layer][rows, :, j0:j1], zero[layer][rows, :, j0:j1] = \
                     quantize_tokens(x.gather(2, idx), self.hi_bits, group)
 
+    def _write_important_of(self, layer: int, k: Tensor, v: Tensor, a: int, b: int, mass: Tensor,
+                            rows: slice = slice(None)) -> None:
+        """_write_important from attention-space tokens k, v (B', H, b-a, D) of history slots [a, b)
+        (the kernels' block moves, whose low-bit codes the fused packer wrote)."""
+        pos = torch.arange(self.hist_pos0 + a, self.hist_pos0 + b, device=self.device)
+        self._write_important(layer, self._key_to_stored(layer, k, pos), self._value_rotate(v), a, b, mass, rows)
+
     def _read(self, layer: int, kind: str, a: int, b: int) -> Tensor:
         """Dequantized stored-space rows of history slots [a, b) (multiples of G), fp32."""
         bits = self.plans[layer].bits_k if kind == "k" else self.plans[layer].bits_v
@@ -409,13 +416,13 @@ class QuantizedStore(KVStore):
 
     def _flush(self, layer: int, k: Tensor, v: Tensor, a: int, b: int, mass: Tensor | None) -> None:
         """Move full-precision tokens k, v (B, H, b-a, D) into history slots [a, b)."""
-        pos = torch.arange(self.hist_pos0 + a, self.hist_pos0 + b, device=self.device)
         if self._fast[layer]:  # one fused quantize-and-pack launch
             self._kernels.flush(self, layer, k, v, a, b)
             if mass is not None and self.mikv_layer(layer):
-                self._write_important(layer, self._key_to_stored(layer, k, pos), self._value_rotate(v), a, b, mass)
+                self._write_important_of(layer, k, v, a, b, mass)
             return
         plan = self.plans[layer]
+        pos = torch.arange(self.hist_pos0 + a, self.hist_pos0 + b, device=self.device)
         ks, vs = self._key_to_stored(layer, k, pos), self._value_rotate(v)
         self._write(layer, "k", ks, a, b, plan.clip_k)
         self._write(layer, "v", vs, a, b, plan.clip_v)
@@ -525,17 +532,12 @@ class QuantizedStore(KVStore):
                     rows = slice(b, b + 1)
                     self._kernels.flush(self, layer, self.win_k[layer][rows], self.win_v[layer][rows], a,
                                         a + self.group, src0=a % self.ring, rows=rows)
-                    if self.mikv_layer(layer):
-                        self._write_important_of_ring(layer, a, rows)
+                    if self.mikv_layer(layer):  # from the ring, where the block still waits
+                        slots = self.ring_slots(self.hist_pos0 + a, self.hist_pos0 + a + self.group)
+                        self._write_important_of(layer, self.win_k[layer][rows][:, :, slots],
+                                                 self.win_v[layer][rows][:, :, slots], a, a + self.group,
+                                                 self.win_mass[layer][rows][:, :, slots], rows)
         super().advance(n)
-
-    def _write_important_of_ring(self, layer: int, a: int, rows: slice) -> None:
-        """MiKV's rows of history slots a.. a+G-1, from the ring where they wait (sequences `rows`)."""
-        p0 = self.hist_pos0 + a
-        slots, pos = self.ring_slots(p0, p0 + self.group), torch.arange(p0, p0 + self.group, device=self.device)
-        k, v = self.win_k[layer][rows][:, :, slots], self.win_v[layer][rows][:, :, slots]
-        self._write_important(layer, self._key_to_stored(layer, k, pos), self._value_rotate(v), a, a + self.group,
-                              self.win_mass[layer][rows][:, :, slots], rows)
 
     def _begin_step(self, start: Tensor) -> None:
         """A decode step's fill levels from its positions (B,), on the device (the schedule in the
