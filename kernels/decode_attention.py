@@ -324,6 +324,7 @@ def attention(q: Tensor, k_new: Tensor | None, v_new: Tensor | None, sink_k: Ten
         raise ValueError("without pre-RoPE keys, fold the key matrix into q_hist")
     split_v = value_matrix is not None
     direct = splits == 1 and not split_v
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 models: exact fp32 dots
     qk_scale = (scale or 1 / math.sqrt(D)) * LOG2E
     f32 = dict(device=q.device, dtype=torch.float32)
     out = torch.empty_like(q)
@@ -346,7 +347,7 @@ def attention(q: Tensor, k_new: Tensor | None, v_new: Tensor | None, sink_k: Ten
         ROPE=rope is not None, KMAT=key_matrix is not None, SPLIT_V=split_v, DIRECT=direct, CHUNK=chunk,
         HI_BITS=spec.hi_bits, HI_ROWS=spec.hi_rows,
         HP=max(16, triton.next_power_of_2(max(1, block_n // spec.block) * spec.hi_rows)),
-        PREC="ieee" if q.dtype == torch.float32 else "tf32", HALF=q.dtype != torch.float32, num_warps=num_warps,
+        PREC=prec, HALF=q.dtype != torch.float32, num_warps=num_warps,
         **({} if num_stages is None else dict(num_stages=num_stages)),
     )
     if direct:
@@ -362,8 +363,7 @@ def attention(q: Tensor, k_new: Tensor | None, v_new: Tensor | None, sink_k: Ten
         for keys, n, ring in ((win_k, R, True), (k_new, T, False))[:1 + chunk]:
             _mass_kernel[(B * Hkv, triton.cdiv(n, 64))](
                 q, keys, lse, mass if ring else mass[:, :, R:], lengths, n_hist, qk_scale, Hkv, T, n, n_sink,
-                mass.stride(1), GROUP=group, D=D, RING=ring, BLOCK_Q=16, BLOCK_K=64,
-                PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4)
+                mass.stride(1), GROUP=group, D=D, RING=ring, BLOCK_Q=16, BLOCK_K=64, PREC=prec, num_warps=4)
     return out
 
 
@@ -401,8 +401,8 @@ def _mass_kernel(q_ptr, k_ptr, lse_ptr, mass_ptr, len_ptr, nh_ptr, qk_scale, Hkv
     bh = tl.program_id(0)
     j = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     dd = tl.arange(0, D)
-    k = tl.load(k_ptr + (bh * N + j)[:, None] * D + dd[None, :], mask=(j < N)[:, None], other=0.0)
     key_ok = j < N
+    k = tl.load(k_ptr + (bh * N + j)[:, None] * D + dd[None, :], mask=key_ok[:, None], other=0.0)
     if RING:  # slot (pos - n_sink) % N holds positions n_sink + n_hist .. length-1
         n_hist = tl.load(nh_ptr + bh // Hkv)
         key_ok = key_ok & ((j - n_hist % N + N) % N < tl.load(len_ptr + bh // Hkv) - n_sink - n_hist)

@@ -35,11 +35,13 @@ def supported(store, layer: int) -> bool:
 
 
 def spec(store, layer: int) -> Spec:
-    s, plan = store.settings, store.plans[layer]
-    hi_rows = store.n_hi if store.mikv_layer(layer) else 0
-    return _cached(store, ("spec", layer), lambda: Spec(store.head_dim, plan.bits_k, plan.bits_v,
-                                                         s.key_axis == "channel", s.group, s.group_k, s.group_v,
-                                                         store.hi_bits if hi_rows else 0, hi_rows))
+    """The layer's static layout (with MiKV's rows where it has them), made once per store."""
+    def make() -> Spec:
+        s, plan, hi = store.settings, store.plans[layer], store.mikv_layer(layer)
+        return Spec(store.head_dim, plan.bits_k, plan.bits_v, s.key_axis == "channel", s.group, s.group_k,
+                    s.group_v, store.hi_bits if hi else 0, store.n_hi if hi else 0)
+
+    return _cached(store, ("spec", layer), make)
 
 
 def _history(store, layer: int, rows: slice = slice(None)) -> History:
