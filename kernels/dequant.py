@@ -2,8 +2,8 @@
 
 Channels are always handled in ranges [CH0, CH0 + NCH) so that a key can be read as its two
 halves, which is what rotate-half RoPE needs without any register shuffles. Each row's bytes are
-loaded once and split with shifts and a reshape (loading, per channel, the byte that holds it
-measured 5x slower on an H100).
+loaded once and split in registers (loading, per channel, the byte that holds it measured 5x
+slower on an H100).
 
 With HALF the arithmetic runs in float16 (16-bit models; bfloat16 ones too, as their scales are
 stored in float16), else in float32. Codes become floats by OR-ing them into the mantissa of a
@@ -26,12 +26,17 @@ def _unpack_plane(rows, ok, BITS: tl.constexpr, BYTE0: tl.constexpr, NCH: tl.con
     NB: tl.constexpr = NCH // PER
     byt = tl.load(rows[:, None] + BYTE0 + tl.arange(0, NB)[None, :], mask=ok[:, None], other=0)
     byt = byt.to(tl.int16) if HALF else byt.to(tl.int32)
-    if PER == 1:
-        codes = byt
-    else:
-        shifts = (tl.arange(0, PER) * BITS).to(byt.dtype)
-        codes = tl.reshape((byt[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1), (N, NCH))
-    return codes
+    # Halve the fields until each holds one code. Every split is a join, which keeps a byte's codes
+    # in the registers of the thread that loaded it, so the arithmetic runs on packed pairs. Shifting
+    # by a range of amounts instead made each thread load the byte again for every code, and its
+    # scale too: kivi2 at B=8, S=32K took 0.399 ms on an H100 that way, 0.271 ms this way.
+    if PER >= 2:
+        byt = tl.join(byt & 0xF, byt >> 4)
+    if PER >= 4:
+        byt = tl.join(byt & 0x3, byt >> 2)
+    if PER == 8:
+        byt = tl.join(byt & 0x1, byt >> 1)
+    return tl.reshape(byt, (N, NCH))
 
 
 @triton.jit
