@@ -121,7 +121,8 @@ def sweep(args, kw, batch: int, length: int) -> list[dict]:
     """Launch settings around the default: block_n, num_warps, splits, num_stages."""
     base = num_splits(batch, HKV, length, 128)
     settings = [(128, w, base, None) for w in (2, 4, 8)] + [(128, 4, sp, None) for sp in (base // 2, 2 * base)]
-    settings += [(128, 4, base, st) for st in (1, 2, 3, 4)] + [(64, 4, base, None), (32, 4, base, None)]
+    settings += [(128, 4, base, st) for st in (1, 2, 3, 4)] + [(64, 4, base, st) for st in (None, 1, 2)]
+    settings += [(32, 4, base, None)]
     rows = []
     for block_n, warps, splits, stages in settings:
         setting = dict(block_n=block_n, num_warps=warps, splits=splits, num_stages=stages)
