@@ -6,8 +6,9 @@ the KV group at once, so every packed byte is read from memory once and unpacked
 Codes are dequantized in registers (in float16 for 16-bit models, see kernels.dequant); pre-RoPE
 keys get RoPE there too. MiKV's high-precision rows are attended tile by tile in place of the
 low-bit rows they replace, and the attention mass of the ring (and of a chunk's own tokens) is
-recomputed afterwards from the log-sum-exp. Split 0 also covers the sinks and the last split the
-window ring (and a prefill chunk's own tokens). Partial (max, sum, acc) per split are merged by a
+recomputed afterwards from the log-sum-exp. The last split covers the window ring (and a prefill
+chunk's own tokens) and split 0 the sinks; with RING_SPLIT the last split holds no history and
+covers the sinks too, so that no program does a history split's work plus the ring's. Partial (max, sum, acc) per split are merged by a
 second small kernel, or written directly when there is one split.
 Lengths live on the device, so a launch is valid for any fill level and can be captured in a
 CUDA graph. Its plain-PyTorch twin is kernels.reference.decode_attention.
@@ -187,6 +188,7 @@ def _attention_kernel(
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_PER_CHANNEL: tl.constexpr, G: tl.constexpr,
     K_GROUP: tl.constexpr, K_NG: tl.constexpr, V_GROUP: tl.constexpr, V_NG: tl.constexpr,
     ROPE: tl.constexpr, KMAT: tl.constexpr, SPLIT_V: tl.constexpr, DIRECT: tl.constexpr, CHUNK: tl.constexpr,
+    RING_SPLIT: tl.constexpr,
     HI_BITS: tl.constexpr, HI_ROWS: tl.constexpr, HP: tl.constexpr, HI_P: tl.constexpr, PREC: tl.constexpr,
     HALF: tl.constexpr,
 ):
@@ -212,8 +214,9 @@ def _attention_kernel(
     acc = tl.zeros((M, D), tl.float32)  # everything but the history when SPLIT_V
     acc_h = tl.zeros((M, D), tl.float32)  # history values kept in their stored (rotated) space
 
+    HIST_SPLITS: tl.constexpr = SPLITS - 1 if RING_SPLIT else SPLITS
     if SINK_P > 0:
-        if split == 0:
+        if split == (SPLITS - 1 if RING_SPLIT else 0):
             rows = tl.arange(0, SINK_P)
             ok = (rows < n_sink) & (rows < length)
             k_lo, k_hi, v = _full_tile(sk_ptr + bh * n_sink * D, sv_ptr + bh * n_sink * D, rows, ok, D)
@@ -223,7 +226,7 @@ def _attention_kernel(
     # History: this split's share of the tiles the sequence holds.
     qh_lo, qh_hi = _load_q(qh_ptr, qrow, row_ok, qk_scale, D, HALF)
     n_tiles = tl.cdiv(n_hist, BLOCK_N)
-    per_split = tl.cdiv(n_tiles, SPLITS)
+    per_split = tl.cdiv(n_tiles, HIST_SPLITS)  # with RING_SPLIT the last split starts past the end
     t_end = tl.minimum(split * per_split + per_split, n_tiles)
     VB: tl.constexpr = D * V_BITS // 8
     pos0 = 0
@@ -343,8 +346,10 @@ def attention(q: Tensor, k_new: Tensor | None, v_new: Tensor | None, sink_k: Ten
               lengths: Tensor, hist: History, spec: Spec, n_hist: Tensor, win_k: Tensor, win_v: Tensor, *,
               q_hist: Tensor | None, rope: PreRope | None, key_matrix: Tensor | None, value_matrix: Tensor | None,
               scale: float | None, mass: Tensor | None, hi: HiRows | None, splits: int, block_m: int, block_n: int,
-              block_w: int, num_warps: int, num_stages: int | None = None) -> Tensor:
-    """Launch for q (B, Hq, T, D): decode (T = 1, no k_new) or a prefill chunk (k_new, v_new (B, Hkv, T, D))."""
+              block_w: int, num_warps: int, num_stages: int | None = None, ring_split: bool = False) -> Tensor:
+    """Launch for q (B, Hq, T, D): decode (T = 1, no k_new) or a prefill chunk (k_new, v_new (B, Hkv, T, D)),
+    the history in `splits` splits, and with `ring_split` one more for the sinks and the ring."""
+    splits += ring_split
     B, Hq, T, D = q.shape
     Hkv, n_sink, R, C_h = sink_k.shape[1], sink_k.shape[2], win_k.shape[2], hist.k.shape[2]
     group = Hq // Hkv
@@ -381,6 +386,7 @@ def attention(q: Tensor, k_new: Tensor | None, v_new: Tensor | None, sink_k: Ten
         K_BITS=spec.k_bits, V_BITS=spec.v_bits, K_PER_CHANNEL=spec.k_per_channel, G=spec.block,
         K_GROUP=spec.k_group, K_NG=max(1, D // 2 // spec.k_group), V_GROUP=spec.v_group, V_NG=D // spec.v_group,
         ROPE=rope is not None, KMAT=key_matrix is not None, SPLIT_V=split_v, DIRECT=direct, CHUNK=chunk,
+        RING_SPLIT=ring_split,
         HI_BITS=spec.hi_bits, HI_ROWS=spec.hi_rows,
         HP=max(16, triton.next_power_of_2(max(1, block_n // spec.block) * spec.hi_rows)),
         HI_P=triton.next_power_of_2(max(1, spec.hi_rows)),
@@ -409,7 +415,8 @@ def decode_attention(q: Tensor, sink_k: Tensor, sink_v: Tensor, lengths: Tensor,
                      rope: PreRope | None = None, key_matrix: Tensor | None = None,
                      value_matrix: Tensor | None = None, scale: float | None = None, mass: Tensor | None = None,
                      hi: HiRows | None = None, splits: int | None = None, block_n: int | None = None,
-                     block_w: int = 64, num_warps: int | None = None, num_stages: int | None = None) -> Tensor:
+                     block_w: int = 64, num_warps: int | None = None, num_stages: int | None = None,
+                     ring_split: bool | None = None) -> Tensor:
     """Same arguments and result as kernels.reference.decode_attention, plus launch settings:
     `splits` (default: from the history's capacity, so one launch fits every fill level),
     `block_n` and `num_stages` (default 128 tokens, pipelined by Triton's default; with pre-RoPE keys,
@@ -418,7 +425,10 @@ def decode_attention(q: Tensor, sink_k: Tensor, sink_v: Tensor, lengths: Tensor,
     S=32K against 0.603 with 64-token tiles and 0.892 with 128 pipelined, while over 1K tokens at B=1
     64-token tiles were best, 25 against 33 us) and `num_warps` (default 4, or 8 without a key matrix
     when the programs do not fill the multiprocessors: Llama-2-7B at B=1 over 1K tokens decoded 2-4 %
-    faster with int8, kivi2 and k4v4, and 6 % slower with k4v2; at B=8, S=32K 8 warps were slower)."""
+    faster with int8, kivi2 and k4v4, and 6 % slower with k4v2; at B=8, S=32K 8 warps were slower),
+    `ring_split` (default: when the history is split into splits of at most two tiles) a split of
+    their own for the sinks and the ring, so that the program of the last history split does not also
+    attend them: short splits are where that program's extra tiles set the kernel's time."""
     B, Hq, D = q.shape
     Hkv, C_h = sink_k.shape[1], hist.k.shape[2]
     pre_rope = key_matrix is not None or rope is not None
@@ -430,10 +440,13 @@ def decode_attention(q: Tensor, sink_k: Tensor, sink_v: Tensor, lengths: Tensor,
         splits = num_splits(B, Hkv, C_h, block_n)
     few_programs = B * Hkv * splits < _multiprocessors()
     num_warps = num_warps or (8 if few_programs and not pre_rope else 4)
+    if ring_split is None:
+        ring_split = 1 < splits and triton.cdiv(triton.cdiv(C_h, block_n), splits) <= 2
     return attention(q[:, :, None], None, None, sink_k, sink_v, lengths, hist, spec, n_hist, win_k, win_v,
                      q_hist=None if q_hist is None else q_hist[:, :, None], rope=rope, key_matrix=key_matrix,
                      value_matrix=value_matrix, scale=scale, mass=mass, hi=hi, splits=splits, block_m=1,
-                     block_n=block_n, block_w=block_w, num_warps=num_warps, num_stages=num_stages)[:, :, 0]
+                     block_n=block_n, block_w=block_w, num_warps=num_warps, num_stages=num_stages,
+                     ring_split=ring_split)[:, :, 0]
 
 
 @triton.jit

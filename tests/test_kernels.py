@@ -140,14 +140,16 @@ def _case_id(c) -> str:
 
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
-@pytest.mark.parametrize("splits, block_n", [(1, 16), (3, 32)])
-def test_decode_matches_twin(case, splits, block_n):
+@pytest.mark.parametrize("splits, block_n, ring_split", [(1, 16, None), (3, 32, None), (2, 16, False), (1, 32, True)])
+def test_decode_matches_twin(case, splits, block_n, ring_split):
+    """History splits, with and without a split of their own for the sinks and the ring (the
+    default gives them one when the history splits are short), against the twin."""
     k_bits, v_bits, per_channel, kg, vg, group, prerope, fold = case
     spec = Spec(32, k_bits, v_bits, per_channel, G, kg, vg)
     args, kw, a = _state(spec, 2, group, prerope, fold, seed=sum(case) + splits)
     mass_ref, mass = torch.zeros(len(LENGTHS), 2, R), torch.zeros(len(LENGTHS), 2, R)
     want = reference.decode_attention(*args, **kw, mass=mass_ref)
-    got = decode_attention(*args, **kw, mass=mass, splits=splits, block_n=block_n, block_w=16)
+    got = decode_attention(*args, **kw, mass=mass, splits=splits, block_n=block_n, block_w=16, ring_split=ring_split)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(mass, mass_ref, atol=1e-5, rtol=1e-4)
     assert mass_ref.sum() > 0
