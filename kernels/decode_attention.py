@@ -8,8 +8,9 @@ keys get RoPE there too. MiKV's high-precision rows are attended tile by tile in
 low-bit rows they replace, and the attention mass of the ring (and of a chunk's own tokens) is
 recomputed afterwards from the log-sum-exp. The last split covers the window ring (and a prefill
 chunk's own tokens) and split 0 the sinks; with RING_SPLIT the last split holds no history and
-covers the sinks too, so that no program does a history split's work plus the ring's. Partial (max, sum, acc) per split are merged by a
-second small kernel, or written directly when there is one split.
+covers the sinks too, so that no program does a history split's work plus the ring's. Partial
+(max, sum, acc) per split are merged by a second small kernel, or written directly when there is
+one split.
 Lengths live on the device, so a launch is valid for any fill level and can be captured in a
 CUDA graph. Its plain-PyTorch twin is kernels.reference.decode_attention.
 """
@@ -59,7 +60,7 @@ def _softmax_step(s, ok, m_i, l_i):
 @triton.jit
 def _softmax_step_hi(s, ok, sh, okh, m_i, l_i):
     """_softmax_step over a history tile's low-bit rows (s, ok) and MiKV's high-precision rows (sh, okh)
-    at once: one rescale per tile instead of two (9 % of MiKV's time at B=8, S=32K on an H100)."""
+    at once: one rescale per tile instead of two (0.473 -> 0.462 ms at B=8, S=32K on an H100)."""
     s = tl.where(ok, s, float("-inf"))
     sh = tl.where(okh, sh, float("-inf"))
     m_new, m_ref, alpha = _rescale(m_i, tl.maximum(tl.max(s, 1), tl.max(sh, 1)))
