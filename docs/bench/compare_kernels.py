@@ -29,14 +29,15 @@ import kernels
 assert kernels.__file__.startswith(sys.argv[1]), kernels.__file__  # this version, not the repository's
 from kernels import bench_attention as ba, reference
 from kernels.decode_attention import decode_attention
+shapes, check = json.loads(sys.argv[3]), sys.argv[4] == "check"
 out = {}
 for preset in sys.argv[2].split(","):
-    for batch, length in %r:
+    for batch, length in shapes:
         try:
             args, kw, _ = ba.make_state(*ba.PRESETS[preset], batch, length)
             got = decode_attention(*args, **kw)
             row = dict(graph_ms=ba.median_ms(lambda: decode_attention(*args, **kw), graph=True))
-            if batch > 1:
+            if check and batch > 1:
                 row["rel_err"] = ba.rel_err(got, reference.decode_attention(*args, **kw))
             del args, kw
         except Exception as e:  # a version without this preset is recorded, not fatal
@@ -45,6 +46,15 @@ for preset in sys.argv[2].split(","):
         torch.cuda.empty_cache()
 print(json.dumps(out))
 """
+
+
+def time_version(src: Path, presets: list[str], shapes=SHAPES, check: bool = True) -> dict:
+    """Rows "PRESET BxS" -> {graph_ms[, rel_err]} for the kernels/ package in folder src, timed in a
+    process of its own (a failed run gives {"error": its stderr's tail})."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src), str(ROOT)])}
+    run = subprocess.run([sys.executable, "-c", TIME, str(src), ",".join(presets), json.dumps(shapes),
+                          "check" if check else "-"], env=env, cwd=src, capture_output=True, text=True)
+    return json.loads(run.stdout.strip().splitlines()[-1]) if run.returncode == 0 else {"error": run.stderr[-2000:]}
 
 
 def checkout(version: str, tmp: Path) -> Path:
@@ -83,12 +93,7 @@ def main() -> None:
     result = {"_gpu": torch.cuda.get_device_name(0)}
     with tempfile.TemporaryDirectory() as tmp:
         for version in opts.versions:
-            src = checkout(version, Path(tmp))
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src), str(ROOT)])}
-            run = subprocess.run([sys.executable, "-c", TIME % (SHAPES,), str(src), ",".join(opts.presets)],
-                                 env=env, cwd=src, capture_output=True, text=True)
-            result[version] = (json.loads(run.stdout.strip().splitlines()[-1]) if run.returncode == 0
-                               else {"error": run.stderr[-2000:]})
+            result[version] = time_version(checkout(version, Path(tmp)), opts.presets)
             print(version, json.dumps(result[version]), flush=True)
             (opts.out / "compare_kernels.json").write_text(json.dumps(result, indent=1) + "\n")
     (opts.out / "compare_kernels.md").write_text(markdown(result, opts.versions))

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
+
+from compare_kernels import time_version  # this script's folder comes first on sys.path
 
 ROOT = Path(__file__).resolve().parents[2]
 AFFINE_V = ("    return tl.reshape(codes * s[:, :, None] + z[:, :, None], (N, NCH))",
@@ -28,22 +27,6 @@ SUB = ("        out = (codes | 0x6400).to(tl.float16, bitcast=True) - 1024.0",
        "        out = (codes | 0x6400).to(tl.float16, bitcast=True)")
 VARIANTS = {"base": [], "no_v_affine": [AFFINE_V], "no_k_affine": [AFFINE_K], "no_sub": [SUB],
             "no_affine": [AFFINE_V, AFFINE_K], "no_affine_no_sub": [AFFINE_V, AFFINE_K, SUB]}
-TIME = """
-import json, sys, torch
-import kernels
-assert kernels.__file__.startswith(sys.argv[1]), kernels.__file__  # the variant, not the repository's copy
-from kernels import bench_attention as ba
-from kernels.decode_attention import decode_attention
-out = {}
-for preset in %r:
-    args, kw, _ = ba.make_state(*ba.PRESETS[preset], 8, 32768)
-    out[preset] = ba.median_ms(lambda: decode_attention(*args, **kw), graph=True)
-    del args, kw
-    torch.cuda.empty_cache()
-print(json.dumps(out))
-"""
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
@@ -60,10 +43,10 @@ def main() -> None:
                 assert old in text, f"{name}: the kernel changed, update the edit"
                 text = text.replace(old, new)
             dequant.write_text(text)
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(dst.parent), str(ROOT)])}
-            run = subprocess.run([sys.executable, "-c", TIME % (opts.presets,), str(dst.parent)], env=env,
-                                 cwd=dst.parent, capture_output=True, text=True, check=True)
-            result[name] = json.loads(run.stdout.strip().splitlines()[-1])
+            rows = time_version(dst.parent, opts.presets, shapes=[(8, 32768)], check=False)
+            if "error" in rows:
+                raise SystemExit(f"{name}: {rows['error']}")
+            result[name] = {preset: rows[f"{preset} 8x32768"]["graph_ms"] for preset in opts.presets}
             print(name, json.dumps(result[name]), flush=True)
     import torch
     result["_gpu"] = torch.cuda.get_device_name(0)
