@@ -80,6 +80,12 @@ def _accumulate(acc, acc_h, alpha, pv, SPLIT_V: tl.constexpr):
 
 
 @triton.jit
+def _ring_ok(slot, n_hist, length, n_sink, R):
+    """Which ring slots hold a token: slot (pos - n_sink) % R holds positions n_sink + n_hist .. length-1."""
+    return (slot - n_hist % R + R) % R < length - n_sink - n_hist
+
+
+@triton.jit
 def _full_tile(k_ptr, v_ptr, rows, ok, D: tl.constexpr):
     """Keys as halves and values of full-precision rows (sinks, window)."""
     dh = tl.arange(0, D // 2)
@@ -265,12 +271,10 @@ def _attention_kernel(
         acc, acc_h = _accumulate(acc, acc_h, alpha, pv, SPLIT_V)
 
     if split == SPLITS - 1:
-        # The ring: positions n_sink + n_hist .. length-1, slot (pos - n_sink) % R.
-        n_win = length - n_sink - n_hist
-        first = n_hist % R
+        # The ring: the slots that hold a token (_ring_ok).
         for w0 in range(0, R, BLOCK_W):
             rows = w0 + tl.arange(0, BLOCK_W)
-            ok = (rows < R) & ((rows - first + R) % R < n_win)
+            ok = (rows < R) & _ring_ok(rows, n_hist, length, n_sink, R)
             k_lo, k_hi, v = _full_tile(wk_ptr + bh * R * D, wv_ptr + bh * R * D, rows, ok, D)
             p, alpha, m_i, l_i = _softmax_step(_qk(q_lo, q_hi, k_lo, k_hi, PREC), ok[None, :], m_i, l_i)
             acc = acc * alpha[:, None] + tl.dot(p.to(dt), v.to(dt), input_precision=PREC)
@@ -462,9 +466,8 @@ def _mass_kernel(q_ptr, k_ptr, lse_ptr, mass_ptr, len_ptr, nh_ptr, qk_scale, Hkv
     dd = tl.arange(0, D)
     key_ok = j < N
     k = tl.load(k_ptr + (bh * N + j)[:, None] * D + dd[None, :], mask=key_ok[:, None], other=0.0)
-    if RING:  # slot (pos - n_sink) % N holds positions n_sink + n_hist .. length-1
-        n_hist = tl.load(nh_ptr + bh // Hkv)
-        key_ok = key_ok & ((j - n_hist % N + N) % N < tl.load(len_ptr + bh // Hkv) - n_sink - n_hist)
+    if RING:
+        key_ok = key_ok & _ring_ok(j, tl.load(nh_ptr + bh // Hkv), tl.load(len_ptr + bh // Hkv), n_sink, N)
     total = tl.zeros((BLOCK_K,), tl.float32)
     for r0 in range(0, GROUP * T, BLOCK_Q):
         r = r0 + tl.arange(0, BLOCK_Q)
