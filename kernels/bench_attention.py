@@ -26,7 +26,7 @@ from kernels.layout import HiRows, History, PreRope, Spec
 from kernels.prefill_attention import prefill_attention
 from kernels.quantize_pack import quantize_pack
 from minikv.bench import capture, copy_bandwidth
-from minikv.quant import hadamard
+from minikv.quant import hadamard, hadamard_block
 
 DEV = "cuda"
 HQ, HKV, D, N_SINK, W = 32, 8, 128, 4, 128
@@ -83,7 +83,7 @@ def make_state(spec: Spec, rotated: bool, batch: int, length: int):
         inv = 1.0 / (500000.0 ** (torch.arange(0, D, 2, device=dev).float() / D))
         emb = torch.outer(torch.arange(length, device=dev).float(), inv).repeat(1, 2)
         kw.update(rope=PreRope(emb.cos(), emb.sin(), torch.full((batch,), N_SINK, device=dev, dtype=torch.int32)),
-                  key_matrix=hadamard(D, dev).half().expand(HKV, D, D).contiguous(),
+                  key_matrix=hadamard_block(D, dev).half(),
                   value_matrix=hadamard(D, dev).half())
     else:
         kw.update(q_hist=torch.randn(batch, HQ, D, device=dev, dtype=f16))

@@ -114,11 +114,13 @@ def _history_keys(hk_ptr, ks_ptr, kz_ptr, kmat_ptr, cos_ptr, sin_ptr, tok, ok, m
                   ROPE: tl.constexpr, KMAT: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
                   NBLK: tl.constexpr, PREC: tl.constexpr, HALF: tl.constexpr):
     """Dequantized history keys of one tile as halves (N, D/2), in attention space, float16 with
-    HALF. With HALF the key matrix product also runs in float16, accumulating too (its error stays
-    well under the 4-bit codes'; 2-3 % faster than accumulating in float32 on an H100)."""
+    HALF. KMAT 1: through a per-head key matrix; 2: through the block A of a Walsh-Hadamard matrix
+    [[A, A], [A, -A]], two half-size products (kernels.layout). With HALF the key matrix product also
+    runs in float16, accumulating too (its error stays well under the 4-bit codes'; 2-3 % faster than
+    accumulating in float32 on an H100)."""
     KB: tl.constexpr = D * K_BITS // 8
     rows = hk_ptr + tok * KB
-    if KMAT:  # stored space -> pre-RoPE attention space through a per-head matrix, then RoPE
+    if KMAT == 1:  # stored space -> pre-RoPE attention space through a per-head matrix, then RoPE
         if K_PER_CHANNEL:
             k = dequant_channels(rows, ok, meta_row, ks_ptr, kz_ptr, K_BITS, 0, D, NBLK, BLOCK_N, D, HALF)
         else:
@@ -139,6 +141,15 @@ def _history_keys(hk_ptr, ks_ptr, kz_ptr, kmat_ptr, cos_ptr, sin_ptr, tok, ok, m
         k_lo = dequant_tokens(rows, meta, ok, ks_ptr, kz_ptr, K_BITS, 0, D // 2, K_GROUP, K_NG, BLOCK_N, D, HALF)
         k_hi = dequant_tokens(rows, meta, ok, ks_ptr, kz_ptr, K_BITS, D // 2, D // 2, K_GROUP, K_NG, BLOCK_N, D,
                               HALF)
+    if KMAT == 2:  # [k_lo, k_hi] @ [[A, A], [A, -A]]
+        m = tl.load(kmat_ptr + tl.arange(0, D // 2)[:, None] * (D // 2) + tl.arange(0, D // 2)[None, :])
+        if HALF:
+            u = tl.dot(k_lo, m.to(tl.float16), out_dtype=tl.float16)
+            w = tl.dot(k_hi, m.to(tl.float16), out_dtype=tl.float16)
+        else:
+            u = tl.dot(k_lo, m.to(k_lo.dtype), input_precision=PREC).to(k_lo.dtype)
+            w = tl.dot(k_hi, m.to(k_lo.dtype), input_precision=PREC).to(k_lo.dtype)
+        k_lo, k_hi = u + w, u - w
     if ROPE:
         k_lo, k_hi = rope_halves(k_lo, k_hi, cos_ptr, sin_ptr, base, ci, si, D)
     return k_lo, k_hi
@@ -390,7 +401,8 @@ def attention(q: Tensor, k_new: Tensor | None, v_new: Tensor | None, sink_k: Ten
         BLOCK_N=block_n, BLOCK_W=block_w, SPLITS=splits, NBLK=max(1, block_n // spec.block),
         K_BITS=spec.k_bits, V_BITS=spec.v_bits, K_PER_CHANNEL=spec.k_per_channel, G=spec.block,
         K_GROUP=spec.k_group, K_NG=max(1, D // 2 // spec.k_group), V_GROUP=spec.v_group, V_NG=D // spec.v_group,
-        ROPE=rope is not None, KMAT=key_matrix is not None, SPLIT_V=split_v, DIRECT=direct, CHUNK=chunk,
+        ROPE=rope is not None, KMAT=0 if key_matrix is None else 1 if key_matrix.dim() == 3 else 2,
+        SPLIT_V=split_v, DIRECT=direct, CHUNK=chunk,
         RING_SPLIT=ring_split,
         HI_BITS=spec.hi_bits, HI_ROWS=spec.hi_rows,
         HP=max(16, triton.next_power_of_2(max(1, block_n // spec.block) * spec.hi_rows)),
@@ -411,7 +423,8 @@ def attention(q: Tensor, k_new: Tensor | None, v_new: Tensor | None, sink_k: Ten
         for keys, n, ring in ((win_k, R, True), (k_new, T, False))[:1 + chunk]:
             _mass_kernel[(B * Hkv, triton.cdiv(n, 64))](
                 q, keys, lse, mass if ring else mass[:, :, R:], lengths, n_hist, qk_scale, Hkv, T, n, n_sink,
-                mass.stride(1), GROUP=group, D=D, RING=ring, BLOCK_Q=16, BLOCK_K=64, PREC=prec, num_warps=4)
+                mass.stride(1), GROUP=group, D=D, RING=ring, FRESH=ring and not chunk, BLOCK_Q=16, BLOCK_K=64,
+                PREC=prec, num_warps=4)
     return out
 
 
@@ -456,18 +469,20 @@ def decode_attention(q: Tensor, sink_k: Tensor, sink_v: Tensor, lengths: Tensor,
 
 @triton.jit
 def _mass_kernel(q_ptr, k_ptr, lse_ptr, mass_ptr, len_ptr, nh_ptr, qk_scale, Hkv, T, N, n_sink, mass_stride,
-                 GROUP: tl.constexpr, D: tl.constexpr, RING: tl.constexpr, BLOCK_Q: tl.constexpr,
-                 BLOCK_K: tl.constexpr, PREC: tl.constexpr):
+                 GROUP: tl.constexpr, D: tl.constexpr, RING: tl.constexpr, FRESH: tl.constexpr,
+                 BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr):
     """Program (sequence x KV head, block of keys): add each key's probability, summed over the
     queries and the query heads of its group, to its mass. RING: the keys are the ring's N slots,
-    visible to every query where they hold a token; else a chunk's own N = T tokens, causally."""
+    visible to every query where they hold a token; else a chunk's own N = T tokens, causally.
+    FRESH (decode): the new token's slot held an older token, whose mass is dropped first."""
     bh = tl.program_id(0)
     j = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     dd = tl.arange(0, D)
     key_ok = j < N
+    length = tl.load(len_ptr + bh // Hkv)
     k = tl.load(k_ptr + (bh * N + j)[:, None] * D + dd[None, :], mask=key_ok[:, None], other=0.0)
     if RING:
-        key_ok = key_ok & _ring_ok(j, tl.load(nh_ptr + bh // Hkv), tl.load(len_ptr + bh // Hkv), n_sink, N)
+        key_ok = key_ok & _ring_ok(j, tl.load(nh_ptr + bh // Hkv), length, n_sink, N)
     total = tl.zeros((BLOCK_K,), tl.float32)
     for r0 in range(0, GROUP * T, BLOCK_Q):
         r = r0 + tl.arange(0, BLOCK_Q)
@@ -481,4 +496,7 @@ def _mass_kernel(q_ptr, k_ptr, lse_ptr, mass_ptr, len_ptr, nh_ptr, qk_scale, Hkv
             vis = vis & (j[None, :] <= (r % T)[:, None])
         total += tl.sum(tl.where(vis, tl.exp2(s - lse[:, None]), 0.0), 0)
     ptr = mass_ptr + bh * mass_stride + j
-    tl.store(ptr, tl.load(ptr, mask=key_ok, other=0.0) + total, mask=key_ok)
+    before = tl.load(ptr, mask=key_ok, other=0.0)
+    if FRESH:
+        before = tl.where(j == (length - 1 - n_sink) % N, 0.0, before)
+    tl.store(ptr, before + total, mask=key_ok)

@@ -14,7 +14,10 @@ held as a History (keys per token) and an index:
   rows.k_scale, k_zero  fp16 (B, Hkv, n, D/k_group); rows.v_scale, v_zero fp16 (B, Hkv, n, D/v_group)
   idx                   int32 (B, Hkv, n): the history row each replaces, rows j*hi_rows.. within block j.
 A value is code * scale + zero. Channel permutations and Hadamard rotations are folded into q (and the
-output) by the caller, so nothing here ever un-permutes or un-rotates the cache.
+output) by the caller, so nothing here ever un-permutes or un-rotates the cache. The exception is keys
+stored before RoPE, which must be mapped back before it, tile by tile: through a key matrix per head,
+(Hkv, D, D), or, for the normalized Walsh-Hadamard matrix H of D (built as [[A, A], [A, -A]] with
+A = H_{D/2} / sqrt(2)), through A alone, (D/2, D/2), as two half-size products (half the work).
 """
 from __future__ import annotations
 

@@ -2,10 +2,15 @@
 
 One launch per layer; each program takes one (sequence, KV head, block) and does, in registers:
 optional inverse RoPE (pre-RoPE keys) and per-head key matrix / value matrix (rotation and channel
-reorder into stored space), clipped min/max, fp16 scale and zero, codes, bit packing, stores.
-Codes follow minikv.quant exactly (scale and zero rounded to fp16 before the codes are chosen,
-round half to even), so the twin kernels.reference.quantize_block is bit-identical without the
-optional matrices. Layout: kernels.layout.
+reorder into stored space), clipped min/max, fp16 scale and zero, codes, bit packing, stores; with
+MiKV's rows, it also picks the block's heaviest tokens by attention mass and writes their
+high-precision codes. Codes follow minikv.quant exactly (scale and zero rounded to fp16 before the
+codes are chosen, round half to even), so the twin kernels.reference.quantize_block is bit-identical
+without the optional matrices. Layout: kernels.layout.
+
+The matrix products run as three TF32 tensor-core products ("tf32x3", about fp32's accuracy): in
+exact fp32 Triton builds them from scalar FMAs that spilled registers, and a Llama-2-7B block move
+took 0.48 ms per layer on an H100.
 """
 from __future__ import annotations
 
@@ -13,9 +18,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.layout import History, PreRope, Spec
+from kernels.layout import HiRows, History, PreRope, Spec
 
 FP16_MAX = tl.constexpr(65504.0)  # a constexpr, so kernels may read it
+MATRIX_PRECISION = tl.constexpr("tf32x3")
 
 
 @triton.jit
@@ -78,12 +84,39 @@ def _quantize_tokens(x, dst_rows, meta_rows, s_ptr, z_ptr, clip, BITS: tl.conste
 
 
 @triton.jit
+def _quantize_row(x, row, codes_ptr, s_ptr, z_ptr, BITS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr):
+    """One token x (1, D) to row `row` of per-token codes, scales and zeros, unclipped."""
+    one = tl.zeros((1,), tl.int32)
+    _quantize_tokens(x, codes_ptr + (row * (D * BITS // 8) + one), row * (D // GROUP) + one, s_ptr, z_ptr, 1.0,
+                     BITS, GROUP, 1, D)
+
+
+@triton.jit
+def _write_hi_rows(k, v, mass, row0, hik_ptr, hiv_ptr, hks_ptr, hkz_ptr, hvs_ptr, hvz_ptr, hidx_ptr, hi0,
+                   HI_BITS: tl.constexpr, HI_ROWS: tl.constexpr, K_GROUP: tl.constexpr, V_GROUP: tl.constexpr,
+                   G: tl.constexpr, D: tl.constexpr):
+    """MiKV: the HI_ROWS tokens of the block (k, v (G, D) in stored space) with the most attention mass
+    (G,), heaviest first and ties to the earlier token (minikv.quant.heaviest), get per-token HI_BITS
+    codes in rows hi0.. of the high-precision tensors, and their history rows (row0 + offset) in the index."""
+    i = tl.arange(0, G)
+    for j in range(HI_ROWS):
+        top = tl.min(tl.where(mass == tl.max(mass, 0), i, G), 0)
+        mass = tl.where(i == top, float("-inf"), mass)
+        pick = (i == top)[:, None]
+        tl.store(hidx_ptr + hi0 + j, row0 + top)
+        _quantize_row(tl.reshape(tl.sum(tl.where(pick, k, 0.0), 0), (1, D)), hi0 + j, hik_ptr, hks_ptr, hkz_ptr,
+                      HI_BITS, K_GROUP, D)
+        _quantize_row(tl.reshape(tl.sum(tl.where(pick, v, 0.0), 0), (1, D)), hi0 + j, hiv_ptr, hvs_ptr, hvz_ptr,
+                      HI_BITS, V_GROUP, D)
+
+
+@triton.jit
 def _load_block(src_ptr, rows, m_ptr, M_ON: tl.constexpr, D: tl.constexpr):
     """Rows (G, D) fp32, mapped by the matrix M (D, D) when M_ON: x @ M."""
     x = tl.load(src_ptr + rows[:, None] * D + tl.arange(0, D)[None, :]).to(tl.float32)
     if M_ON:
         m = tl.load(m_ptr + tl.arange(0, D)[:, None] * D + tl.arange(0, D)[None, :]).to(tl.float32)
-        x = tl.dot(x, m, input_precision="ieee")
+        x = tl.dot(x, m, input_precision=MATRIX_PRECISION)
     return x
 
 
@@ -91,9 +124,11 @@ def _load_block(src_ptr, rows, m_ptr, M_ON: tl.constexpr, D: tl.constexpr):
 def _quantize_pack_kernel(
     kin_ptr, vin_ptr, hk_ptr, hv_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr,
     cos_ptr, sin_ptr, pos0_ptr, kmat_ptr, vmat_ptr,
-    H, S_src, src0, dst0, C_h, clip_k, clip_v,
+    mass_ptr, hik_ptr, hiv_ptr, hks_ptr, hkz_ptr, hvs_ptr, hvz_ptr, hidx_ptr,
+    H, S_src, src0, dst0, C_h, C_hi, clip_k, clip_v,
     D: tl.constexpr, G: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_PER_CHANNEL: tl.constexpr,
     K_GROUP: tl.constexpr, V_GROUP: tl.constexpr, UNROPE: tl.constexpr, KMAT: tl.constexpr, VMAT: tl.constexpr,
+    HI_BITS: tl.constexpr, HI_ROWS: tl.constexpr,
 ):
     bh = tl.program_id(0)
     blk = tl.program_id(1)
@@ -111,7 +146,7 @@ def _quantize_pack_kernel(
         k = k * tl.load(cos_ptr + tab).to(tl.float32) + rotated * -tl.load(sin_ptr + tab).to(tl.float32)
         if KMAT:
             m = kmat_ptr + (bh % H) * D * D + cols[:, None] * D + cols[None, :]
-            k = tl.dot(k, tl.load(m).to(tl.float32), input_precision="ieee")
+            k = tl.dot(k, tl.load(m).to(tl.float32), input_precision=MATRIX_PRECISION)
     else:
         k = _load_block(kin_ptr, src_rows, kmat_ptr + (bh % H) * D * D, KMAT, D)
     k = tl.minimum(tl.maximum(k, -FP16_MAX), FP16_MAX)
@@ -130,29 +165,40 @@ def _quantize_pack_kernel(
     v = tl.minimum(tl.maximum(v, -FP16_MAX), FP16_MAX)
     _quantize_tokens(v, hv_ptr + tok * (D * V_BITS // 8), tok * (D // V_GROUP), vs_ptr, vz_ptr, clip_v, V_BITS,
                      V_GROUP, G, D)
+    if HI_ROWS > 0:
+        _write_hi_rows(k, v, tl.load(mass_ptr + src_rows), dst0 + blk * G, hik_ptr, hiv_ptr, hks_ptr, hkz_ptr,
+                       hvs_ptr, hvz_ptr, hidx_ptr, bh * C_hi + (dst0 // G + blk) * HI_ROWS, HI_BITS, HI_ROWS,
+                       K_GROUP, V_GROUP, G, D)
 
 
 def quantize_pack(k_src: Tensor, v_src: Tensor, src0: int, n_tokens: int, hist: History, dst0: int, spec: Spec,
                   clip_k: float = 1.0, clip_v: float = 1.0, *, rope: PreRope | None = None,
-                  key_matrix: Tensor | None = None, value_matrix: Tensor | None = None) -> None:
+                  key_matrix: Tensor | None = None, value_matrix: Tensor | None = None, hi: HiRows | None = None,
+                  mass: Tensor | None = None) -> None:
     """Quantize n_tokens (whole blocks of G) rows of k_src, v_src (B, Hkv, S, D), starting at row
     src0 and wrapping modulo S (a ring), into history rows dst0.. of `hist`, in place.
 
     Keys: inverse RoPE at their positions (history row i sits at rope.pos0 + i) when `rope` is
     given, then x @ key_matrix[h] (Hkv, D, D); values: v @ value_matrix (D, D). The same function
-    as kernels.reference.quantize_block applied to the transformed rows."""
+    as kernels.reference.quantize_block applied to the transformed rows. With MiKV's rows `hi`
+    (a spec with hi_rows), each block's heaviest tokens by `mass` (B, Hkv, S, indexed like the
+    source rows) also go to its rows of `hi`, as kernels.reference.quantize_hi_rows does."""
     B, H, S, D = k_src.shape
     G = spec.block
     if n_tokens % G or dst0 % G:
         raise ValueError("quantize_pack moves whole blocks of G tokens")
-    if not all(t.is_contiguous() for t in (k_src, v_src, *hist)):
+    if (hi is None or mass is None) != (spec.hi_rows == 0):
+        raise ValueError("MiKV's rows and their attention mass go with a spec that counts them (Spec.hi_rows)")
+    hi_tensors = [mass, *hi.rows, hi.idx] if hi is not None else [k_src] * 8  # placeholders without MiKV
+    if not all(t.is_contiguous() for t in (k_src, v_src, *hist, *hi_tensors)):
         raise ValueError("quantize_pack needs contiguous tensors")
     cos, sin, pos0 = rope if rope is not None else (k_src, k_src, k_src)  # placeholders when off
     _quantize_pack_kernel[(B * H, n_tokens // G)](
         k_src, v_src, *hist, cos, sin, pos0,
-        k_src if key_matrix is None else key_matrix, k_src if value_matrix is None else value_matrix,
-        H, S, src0, dst0, hist.k.shape[2], clip_k, clip_v,
+        k_src if key_matrix is None else key_matrix, k_src if value_matrix is None else value_matrix, *hi_tensors,
+        H, S, src0, dst0, hist.k.shape[2], 0 if hi is None else hi.idx.shape[2], clip_k, clip_v,
         D=D, G=G, K_BITS=spec.k_bits, V_BITS=spec.v_bits, K_PER_CHANNEL=spec.k_per_channel,
         K_GROUP=spec.k_group, V_GROUP=spec.v_group, UNROPE=rope is not None, KMAT=key_matrix is not None,
-        VMAT=value_matrix is not None, num_warps=4 if key_matrix is None and value_matrix is None else 8,
+        VMAT=value_matrix is not None, HI_BITS=spec.hi_bits, HI_ROWS=spec.hi_rows,
+        num_warps=4 if key_matrix is None and value_matrix is None else 8,
     )

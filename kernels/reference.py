@@ -12,14 +12,14 @@ from torch import Tensor
 
 from kernels.layout import HiRows, History, PreRope, Spec
 from minikv.model import apply_rope
-from minikv.quant import dequantize_channels, dequantize_tokens, quantize_channels, quantize_tokens
+from minikv.quant import dequantize_channels, dequantize_tokens, heaviest, quantize_channels, quantize_tokens
 
 
 def dequantize_history(hist: History, spec: Spec, rope: PreRope | None = None, key_matrix: Tensor | None = None,
                        hi: HiRows | None = None, n_hist: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Keys and values (B, Hkv, C_h, D) in fp32, with the high-precision rows `hi` of the
     first n_hist (B,) rows in place of their low-bit ones; keys optionally mapped by a per-head
-    matrix (Hkv, D, D) and then given RoPE at their positions (pre-RoPE storage)."""
+    matrix (full_key_matrix) and then given RoPE at their positions (pre-RoPE storage)."""
     d = spec.head_dim
     if spec.k_per_channel:
         k = dequantize_channels(hist.k, hist.k_scale, hist.k_zero, spec.k_bits, d)
@@ -31,11 +31,17 @@ def dequantize_history(hist: History, spec: Spec, rope: PreRope | None = None, k
                 for x, codes, scale, zero in ((k, hi.rows.k, hi.rows.k_scale, hi.rows.k_zero),
                                               (v, hi.rows.v, hi.rows.v_scale, hi.rows.v_zero)))
     if key_matrix is not None:
-        k = k @ key_matrix.float()[None]
+        k = k @ full_key_matrix(key_matrix).float()[None]
     if rope is not None:
         pos = (rope.pos0[:, None] + torch.arange(k.shape[2], device=k.device)).clamp(max=rope.cos.shape[0] - 1)
         k = apply_rope(k, rope.cos[pos][:, None].float(), rope.sin[pos][:, None].float())
     return k, v
+
+
+def full_key_matrix(m: Tensor) -> Tensor:
+    """A pre-RoPE key matrix as kernels.layout allows it, per head (Hkv, D, D) as it is, or the block
+    A (D/2, D/2) of a Walsh-Hadamard matrix, as the (D, D) matrix [[A, A], [A, -A]]."""
+    return m if m.dim() == 3 else torch.cat([torch.cat([m, m], 1), torch.cat([m, -m], 1)], 0)
 
 
 def _replace_rows(x: Tensor, rows: Tensor, idx: Tensor, n_hist: Tensor, spec: Spec) -> Tensor:
@@ -44,6 +50,18 @@ def _replace_rows(x: Tensor, rows: Tensor, idx: Tensor, n_hist: Tensor, spec: Sp
     filled = torch.arange(idx.shape[2], device=idx.device) < (n_hist // spec.block * spec.hi_rows)[:, None, None]
     dest = torch.where(filled, idx.long(), x.shape[2])[..., None].expand_as(rows)
     return torch.cat([x, x[:, :, :1]], 2).scatter(2, dest, rows)[:, :, :-1]
+
+
+def quantize_hi_rows(k: Tensor, v: Tensor, mass: Tensor, spec: Spec, row0: int = 0) -> HiRows:
+    """MiKV's rows of whole blocks of stored-space tokens k, v (B, Hkv, n, D) with attention mass
+    (B, Hkv, n): of each block the spec.hi_rows heaviest (minikv.quant.heaviest), as per-token
+    hi_bits codes, and the history rows they replace (the block's first row is row0)."""
+    G = spec.block
+    local = (heaviest(mass, spec.hi_rows, G) + torch.arange(0, k.shape[2], G, device=k.device)[:, None]).flatten(-2)
+    idx = local[..., None].expand(-1, -1, -1, spec.head_dim)
+    kq = quantize_tokens(k.gather(2, idx), spec.hi_bits, spec.k_group)
+    vq = quantize_tokens(v.gather(2, idx), spec.hi_bits, spec.v_group)
+    return HiRows(History(kq[0], vq[0], kq[1], kq[2], vq[1], vq[2]), (local + row0).to(torch.int32))
 
 
 def window_valid(lengths: Tensor, n_hist: Tensor, n_sink: int, ring: int) -> Tensor:
@@ -104,9 +122,13 @@ def decode_attention(q: Tensor, sink_k: Tensor, sink_v: Tensor, lengths: Tensor,
                      value_matrix: Tensor | None = None, scale: float | None = None,
                      mass: Tensor | None = None, hi: HiRows | None = None) -> Tensor:
     """One query token per sequence, q (B, Hq, D), that the store already holds: `lengths`
-    counts it and its key and value sit in their sink or ring slot; `mass` is (B, Hkv, R).
-    Otherwise as prefill_attention."""
+    counts it and its key and value sit in their sink or ring slot; `mass` is (B, Hkv, R), and the
+    new token's ring slot, which held an older token, starts from zero. Otherwise as prefill_attention."""
     B, Hkv, D = q.shape[0], sink_k.shape[1], q.shape[-1]
+    if mass is not None:
+        R, n_sink = win_k.shape[2], sink_k.shape[2]
+        slot = torch.arange(R, device=q.device) == ((lengths - 1 - n_sink) % R)[:, None]
+        mass.masked_fill_((slot & (lengths > n_sink)[:, None])[:, None], 0.0)
     none = q.new_zeros(B, Hkv, 0, D)
     return prefill_attention(q[:, :, None], none, none, sink_k, sink_v, lengths, hist, spec, n_hist, win_k, win_v,
                              q_hist=None if q_hist is None else q_hist[:, :, None], rope=rope,

@@ -72,8 +72,8 @@ import torch
 from torch import Tensor
 
 from minikv.model import apply_rope
-from minikv.quant import (dequantize_channels, dequantize_tokens, hadamard, packed_width, quantize_channels,
-                          quantize_tokens)
+from minikv.quant import (dequantize_channels, dequantize_tokens, hadamard, heaviest, packed_width,
+                          quantize_channels, quantize_tokens)
 from minikv.store import KVStore, causal_mask, reference_attention
 
 if TYPE_CHECKING:
@@ -121,8 +121,7 @@ def cat_into(out: Tensor, parts: list[Tensor]) -> Tensor:
 class QuantizedStore(KVStore):
     derived = ("rope_cos", "rope_sin", "hadamard", "perms", "inv_perms", "view_k", "view_v", "pos0", "step_lengths",
                "step_n_hist")
-    per_sequence = BUFFERS + ("view_k", "view_v", "_step_k", "_step_v", "pos0", "step_lengths", "step_n_hist", "_slot",
-                              "_no_mass")
+    per_sequence = BUFFERS + ("view_k", "view_v", "_step_k", "_step_v", "pos0", "step_lengths", "step_n_hist", "_slot")
 
     def __init__(self, n_layers: int, batch: int, capacity: int, n_kv_heads: int, head_dim: int,
                  window: int | None, dtype: torch.dtype, device: torch.device | str, *, settings: KVSettings,
@@ -181,7 +180,6 @@ class QuantizedStore(KVStore):
         self.step_lengths = torch.zeros(batch, **int32)  # tokens held after the new one
         self.step_n_hist = torch.zeros(batch, **int32)
         self._slot = torch.zeros(batch, dtype=torch.long, device=self.device)  # the new token's ring slot
-        self._no_mass = torch.zeros(batch, n_kv_heads, device=self.device)  # MiKV: a ring slot's mass, reset
         self._stepped: list[int] | None = None  # the host lengths the step was set for
         self._rows = torch.arange(batch, device=self.device)
         self._kernel_constants: dict = {}  # kernels.store_attention's per-layer constants (shared by row views)
@@ -350,7 +348,7 @@ class QuantizedStore(KVStore):
         """MiKV: the n_hi heaviest tokens of each G-block also get hi_bits per-token codes
         (stored-space ks, vs (B', H, b-a, D) and their mass of the sequences `rows`)."""
         G, n_hi, s = self.group, self.n_hi, self.settings
-        top = mass.unflatten(-1, ((b - a) // G, G)).topk(n_hi, dim=-1).indices  # (B, H, blocks, n_hi)
+        top = heaviest(mass, n_hi, G)  # (B, H, blocks, n_hi)
         local = (top + torch.arange(0, b - a, G, device=self.device)[:, None]).flatten(-2)  # (B, H, n)
         j0, j1 = a // G * n_hi, b // G * n_hi
         self.hi_idx[layer][rows, :, j0:j1] = (local + a).to(torch.int32)
@@ -361,13 +359,6 @@ class QuantizedStore(KVStore):
             if self._hi(bits):
                 codes[layer][rows, :, j0:j1], scale[layer][rows, :, j0:j1], zero[layer][rows, :, j0:j1] = \
                     quantize_tokens(x.gather(2, idx), self.hi_bits, group)
-
-    def _write_important_of(self, layer: int, k: Tensor, v: Tensor, a: int, b: int, mass: Tensor,
-                            rows: slice = slice(None)) -> None:
-        """_write_important from attention-space tokens k, v (B', H, b-a, D) of history slots [a, b)
-        (the kernels' block moves, whose low-bit codes the fused packer wrote)."""
-        pos = torch.arange(self.hist_pos0 + a, self.hist_pos0 + b, device=self.device)
-        self._write_important(layer, self._key_to_stored(layer, k, pos), self._value_rotate(v), a, b, mass, rows)
 
     def _read(self, layer: int, kind: str, a: int, b: int) -> Tensor:
         """Dequantized stored-space rows of history slots [a, b) (multiples of G), fp32."""
@@ -416,10 +407,8 @@ class QuantizedStore(KVStore):
 
     def _flush(self, layer: int, k: Tensor, v: Tensor, a: int, b: int, mass: Tensor | None) -> None:
         """Move full-precision tokens k, v (B, H, b-a, D) into history slots [a, b)."""
-        if self._fast[layer]:  # one fused quantize-and-pack launch
-            self._kernels.flush(self, layer, k, v, a, b)
-            if mass is not None and self.mikv_layer(layer):
-                self._write_important_of(layer, k, v, a, b, mass)
+        if self._fast[layer]:  # one fused quantize-and-pack launch, MiKV's rows included
+            self._kernels.flush(self, layer, k, v, a, b, mass=mass if self.mikv_layer(layer) else None)
             return
         plan = self.plans[layer]
         pos = torch.arange(self.hist_pos0 + a, self.hist_pos0 + b, device=self.device)
@@ -515,6 +504,8 @@ class QuantizedStore(KVStore):
         if self._fast[layer] and T == 1:
             self._begin_step(self.positions(1)[:, 0])
             self._put(layer, k, v)
+            if self.mikv_layer(layer):  # the slot's mass was its previous token's (decode drops it in the kernel)
+                self.win_mass[layer][self._rows, :, self._slot] = 0.0
             return
         start = self._start()
         mass = torch.zeros(k.shape[:3], device=self.device) if self.n_hi else None
@@ -522,21 +513,25 @@ class QuantizedStore(KVStore):
 
     def advance(self, n: int) -> None:
         """A single token through the kernels was only written to the ring: the blocks it filled move
-        to the history now, one quantize-and-pack launch per layer and sequence (a batch row is a view),
-        and MiKV's rows from the ring's attention mass."""
+        to the history now, one quantize-and-pack launch per layer and run of neighbouring sequences
+        that move the same block (a slice of the batch is a view), MiKV's rows picked by the ring's
+        attention mass in the same launch."""
         if n == 1 and self._first_fast >= 0:
-            moves = [(b, self.n_hist(length)) for b, length in enumerate(self.lengths)
-                     if self.n_hist(length + 1) > self.n_hist(length)]
+            runs: list[tuple[slice, int]] = []  # (sequences, history row of the block they move)
+            for b, length in enumerate(self.lengths):
+                if self.n_hist(length + 1) > self.n_hist(length):
+                    a = self.n_hist(length)
+                    if runs and runs[-1][0].stop == b and runs[-1][1] == a:
+                        runs[-1] = (slice(runs[-1][0].start, b + 1), a)
+                    else:
+                        runs.append((slice(b, b + 1), a))
+            moves = [(None if rows == slice(0, self.batch) else rows, a) for rows, a in runs]  # None: all, no views
             for layer in (layer for layer, fast in enumerate(self._fast) if fast):
-                for b, a in moves:
-                    rows = slice(b, b + 1)
-                    self._kernels.flush(self, layer, self.win_k[layer][rows], self.win_v[layer][rows], a,
-                                        a + self.group, src0=a % self.ring, rows=rows)
-                    if self.mikv_layer(layer):  # from the ring, where the block still waits
-                        slots = self.ring_slots(self.hist_pos0 + a, self.hist_pos0 + a + self.group)
-                        self._write_important_of(layer, self.win_k[layer][rows][:, :, slots],
-                                                 self.win_v[layer][rows][:, :, slots], a, a + self.group,
-                                                 self.win_mass[layer][rows][:, :, slots], rows)
+                for rows, a in moves:
+                    k, v, mass = (t[layer] if rows is None else t[layer][rows]
+                                  for t in (self.win_k, self.win_v, self.win_mass))
+                    self._kernels.flush(self, layer, k, v, a, a + self.group, src0=a % self.ring, rows=rows,
+                                        mass=mass if self.mikv_layer(layer) else None)
         super().advance(n)
 
     def _begin_step(self, start: Tensor) -> None:
@@ -551,8 +546,6 @@ class QuantizedStore(KVStore):
     def _put(self, layer: int, k: Tensor, v: Tensor) -> None:
         """Write one new token per sequence, k, v (B, H, 1, D), into its ring slot by device-side
         indexing; while a sequence is still in its sinks (never in a replayed step), by host lengths."""
-        if self.mikv_layer(layer):  # the slot's mass so far was its previous token's
-            self.win_mass[layer][self._rows, :, self._slot] = self._no_mass
         if min(self.lengths) >= self.n_sink:
             self.win_k[layer][self._rows, :, self._slot] = k[:, :, 0]
             self.win_v[layer][self._rows, :, self._slot] = v[:, :, 0]

@@ -110,6 +110,13 @@ def dequantize_channels(packed: Tensor, scale: Tensor, zero: Tensor, bits: int, 
     return dequantize(codes, scale[..., None, :], zero[..., None, :]).flatten(-3, -2)
 
 
+def heaviest(mass: Tensor, n: int, group: int) -> Tensor:
+    """MiKV's pick: per block of `group` tokens along the last dim of mass (..., blocks * group), the
+    offsets of its n tokens with the most attention mass, heaviest first, ties to the earlier token
+    (a rule the packing kernel follows exactly, where topk's order among ties is unspecified)."""
+    return mass.unflatten(-1, (-1, group)).sort(dim=-1, descending=True, stable=True).indices[..., :n]
+
+
 @functools.lru_cache(maxsize=None)
 def _hadamard_cpu(dim: int) -> Tensor:
     h = torch.ones(1, 1)
@@ -124,3 +131,8 @@ def hadamard(dim: int, device: torch.device | str = "cpu") -> Tensor:
     if dim & (dim - 1):
         raise ValueError(f"Hadamard rotation needs a power-of-two size, not {dim}")
     return _hadamard_cpu(dim).to(device)
+
+
+def hadamard_block(dim: int, device: torch.device | str = "cpu") -> Tensor:
+    """A with hadamard(dim) == [[A, A], [A, -A]] (Sylvester's construction): hadamard(dim / 2) / sqrt(2)."""
+    return hadamard(dim // 2, device) / math.sqrt(2)

@@ -82,14 +82,15 @@ def _batch(stores: list[QuantizedStore]) -> QuantizedStore:
 
 
 @needs_triton
-@pytest.mark.parametrize("name", ["kivi2", "mikv"])
-def test_sequences_of_different_lengths_decode_together(name):
+@pytest.mark.parametrize("name, starts", [("kivi2", (1, 19)), ("mikv", (1, 19)), ("mikv", (19, 19))])
+def test_sequences_of_different_lengths_decode_together(name, starts):
     """One sequence still in its sinks, the other past a block move, decode together (the first
-    into its ring, the second through another block move): each gets what it gets alone."""
+    into its ring, the second through another block move): each gets what it gets alone. Two at the
+    same length move their blocks together, in one launch."""
     s = PRESETS[name]
     g = torch.Generator().manual_seed(1)
     alone = [make(s, True), make(s, True)]
-    for store, T in zip(alone, (1, 19)):
+    for store, T in zip(alone, starts):
         step(store, *qkv(g, T))
     both = _batch(alone)
     for _ in range(9):  # lengths 1 -> 10 and 19 -> 28: the second moves a block at 26
@@ -98,7 +99,7 @@ def test_sequences_of_different_lengths_decode_together(name):
         for b, store in enumerate(alone):
             torch.testing.assert_close(got[b:b + 1], step(store, q[b:b + 1], k[b:b + 1], v[b:b + 1]), atol=1e-5,
                                        rtol=1e-5)
-    assert both.lengths == [10, 28] and both.n_hist(28) == 16
+    assert both.lengths == [n + 9 for n in starts] and both.n_hist(28) == 16
 
 
 @needs_triton
