@@ -8,12 +8,15 @@ high-precision codes. Codes follow minikv.quant exactly (scale and zero rounded 
 codes are chosen, round half to even), so the twin kernels.reference.quantize_block is bit-identical
 without the optional matrices. Layout: kernels.layout.
 
-The matrix products run as three TF32 tensor-core products ("tf32x3", about fp32's accuracy): in
-exact fp32 Triton builds them from scalar FMAs that spilled registers, and a Llama-2-7B block move
-took 0.48 ms per layer on an H100.
+For 16-bit models the matrix products run as three TF32 tensor-core products ("tf32x3", close to
+fp32): in exact fp32 Triton builds them from scalar FMAs that spill registers, and a Llama-2-7B block
+move took 0.48 ms per layer on an H100 (0.042 ms at 8 sequences x 8 KV heads with tf32x3), at the
+price of a rare code rounding the other way (2e-5 of K4V2's key bytes). fp32 models keep exact fp32:
+they are where the kernels are checked against the reference path, code for code.
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -21,7 +24,6 @@ from torch import Tensor
 from kernels.layout import HiRows, History, PreRope, Spec
 
 FP16_MAX = tl.constexpr(65504.0)  # a constexpr, so kernels may read it
-MATRIX_PRECISION = tl.constexpr("tf32x3")
 
 
 @triton.jit
@@ -111,12 +113,12 @@ def _write_hi_rows(k, v, mass, row0, hik_ptr, hiv_ptr, hks_ptr, hkz_ptr, hvs_ptr
 
 
 @triton.jit
-def _load_block(src_ptr, rows, m_ptr, M_ON: tl.constexpr, D: tl.constexpr):
+def _load_block(src_ptr, rows, m_ptr, M_ON: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr):
     """Rows (G, D) fp32, mapped by the matrix M (D, D) when M_ON: x @ M."""
     x = tl.load(src_ptr + rows[:, None] * D + tl.arange(0, D)[None, :]).to(tl.float32)
     if M_ON:
         m = tl.load(m_ptr + tl.arange(0, D)[:, None] * D + tl.arange(0, D)[None, :]).to(tl.float32)
-        x = tl.dot(x, m, input_precision=MATRIX_PRECISION)
+        x = tl.dot(x, m, input_precision=PREC)
     return x
 
 
@@ -128,7 +130,7 @@ def _quantize_pack_kernel(
     H, S_src, src0, dst0, C_h, C_hi, clip_k, clip_v,
     D: tl.constexpr, G: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_PER_CHANNEL: tl.constexpr,
     K_GROUP: tl.constexpr, V_GROUP: tl.constexpr, UNROPE: tl.constexpr, KMAT: tl.constexpr, VMAT: tl.constexpr,
-    HI_BITS: tl.constexpr, HI_ROWS: tl.constexpr,
+    HI_BITS: tl.constexpr, HI_ROWS: tl.constexpr, PREC: tl.constexpr,
 ):
     bh = tl.program_id(0)
     blk = tl.program_id(1)
@@ -146,9 +148,9 @@ def _quantize_pack_kernel(
         k = k * tl.load(cos_ptr + tab).to(tl.float32) + rotated * -tl.load(sin_ptr + tab).to(tl.float32)
         if KMAT:
             m = kmat_ptr + (bh % H) * D * D + cols[:, None] * D + cols[None, :]
-            k = tl.dot(k, tl.load(m).to(tl.float32), input_precision=MATRIX_PRECISION)
+            k = tl.dot(k, tl.load(m).to(tl.float32), input_precision=PREC)
     else:
-        k = _load_block(kin_ptr, src_rows, kmat_ptr + (bh % H) * D * D, KMAT, D)
+        k = _load_block(kin_ptr, src_rows, kmat_ptr + (bh % H) * D * D, KMAT, D, PREC)
     k = tl.minimum(tl.maximum(k, -FP16_MAX), FP16_MAX)
 
     KB: tl.constexpr = D * K_BITS // 8
@@ -161,7 +163,7 @@ def _quantize_pack_kernel(
     else:
         _quantize_tokens(k, hk_ptr + tok * KB, tok * (D // K_GROUP), ks_ptr, kz_ptr, clip_k, K_BITS, K_GROUP, G, D)
 
-    v = _load_block(vin_ptr, src_rows, vmat_ptr, VMAT, D)
+    v = _load_block(vin_ptr, src_rows, vmat_ptr, VMAT, D, PREC)
     v = tl.minimum(tl.maximum(v, -FP16_MAX), FP16_MAX)
     _quantize_tokens(v, hv_ptr + tok * (D * V_BITS // 8), tok * (D // V_GROUP), vs_ptr, vz_ptr, clip_v, V_BITS,
                      V_GROUP, G, D)
@@ -200,5 +202,6 @@ def quantize_pack(k_src: Tensor, v_src: Tensor, src0: int, n_tokens: int, hist: 
         D=D, G=G, K_BITS=spec.k_bits, V_BITS=spec.v_bits, K_PER_CHANNEL=spec.k_per_channel,
         K_GROUP=spec.k_group, V_GROUP=spec.v_group, UNROPE=rope is not None, KMAT=key_matrix is not None,
         VMAT=value_matrix is not None, HI_BITS=spec.hi_bits, HI_ROWS=spec.hi_rows,
+        PREC="ieee" if k_src.dtype == torch.float32 else "tf32x3",
         num_warps=4 if key_matrix is None and value_matrix is None else 8,
     )
