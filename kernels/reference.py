@@ -56,8 +56,7 @@ def quantize_hi_rows(k: Tensor, v: Tensor, mass: Tensor, spec: Spec, row0: int =
     """MiKV's rows of whole blocks of stored-space tokens k, v (B, Hkv, n, D) with attention mass
     (B, Hkv, n): of each block the spec.hi_rows heaviest (minikv.quant.heaviest), as per-token
     hi_bits codes, and the history rows they replace (the block's first row is row0)."""
-    G = spec.block
-    local = (heaviest(mass, spec.hi_rows, G) + torch.arange(0, k.shape[2], G, device=k.device)[:, None]).flatten(-2)
+    local = heaviest(mass, spec.hi_rows, spec.block)
     idx = local[..., None].expand(-1, -1, -1, spec.head_dim)
     kq = quantize_tokens(k.gather(2, idx), spec.hi_bits, spec.k_group)
     vq = quantize_tokens(v.gather(2, idx), spec.hi_bits, spec.v_group)

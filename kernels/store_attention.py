@@ -111,11 +111,10 @@ def _kwargs(store, layer: int, q: Tensor) -> dict:
     kw = {}
     if s.prerope:
         kw["rope"] = PreRope(store.rope_cos, store.rope_sin, store.pos0)
-        to_stored = _to_stored(store, layer)
         if s.rotate_k and store.perms[layer] is None:  # H alone, symmetric: its block (kernels.layout)
             kw["key_matrix"] = _cached(store, ("hadamard_block",), lambda: hadamard_block(store.head_dim, store.device))
-        elif to_stored is not None:
-            kw["key_matrix"] = _cached(store, ("to_prerope", layer), lambda: to_stored.mT.contiguous())
+        elif store.perms[layer] is not None:  # a permutation, rotated or not
+            kw["key_matrix"] = _cached(store, ("to_prerope", layer), lambda: _to_stored(store, layer).mT.contiguous())
     elif s.rotate_k or store.perms[layer] is not None:
         kw["q_hist"] = _query_to_stored(store, layer, q)
     if s.rotate_v:

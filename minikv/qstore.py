@@ -348,8 +348,7 @@ class QuantizedStore(KVStore):
         """MiKV: the n_hi heaviest tokens of each G-block also get hi_bits per-token codes
         (stored-space ks, vs (B', H, b-a, D) and their mass of the sequences `rows`)."""
         G, n_hi, s = self.group, self.n_hi, self.settings
-        top = heaviest(mass, n_hi, G)  # (B, H, blocks, n_hi)
-        local = (top + torch.arange(0, b - a, G, device=self.device)[:, None]).flatten(-2)  # (B, H, n)
+        local = heaviest(mass, n_hi, G)  # (B, H, n), offsets into the slots [a, b)
         j0, j1 = a // G * n_hi, b // G * n_hi
         self.hi_idx[layer][rows, :, j0:j1] = (local + a).to(torch.int32)
         idx = local[..., None].expand(-1, -1, -1, self.head_dim)
@@ -517,17 +516,17 @@ class QuantizedStore(KVStore):
         that move the same block (a slice of the batch is a view), MiKV's rows picked by the ring's
         attention mass in the same launch."""
         if n == 1 and self._first_fast >= 0:
-            runs: list[tuple[slice, int]] = []  # (sequences, history row of the block they move)
+            runs: list[list[int]] = []  # [first sequence, past the last, history row of the block they move]
             for b, length in enumerate(self.lengths):
                 if self.n_hist(length + 1) > self.n_hist(length):
                     a = self.n_hist(length)
-                    if runs and runs[-1][0].stop == b and runs[-1][1] == a:
-                        runs[-1] = (slice(runs[-1][0].start, b + 1), a)
+                    if runs and runs[-1][1:] == [b, a]:
+                        runs[-1][1] = b + 1
                     else:
-                        runs.append((slice(b, b + 1), a))
-            moves = [(None if rows == slice(0, self.batch) else rows, a) for rows, a in runs]  # None: all, no views
+                        runs.append([b, b + 1, a])
             for layer in (layer for layer, fast in enumerate(self._fast) if fast):
-                for rows, a in moves:
+                for start, stop, a in runs:
+                    rows = None if stop - start == self.batch else slice(start, stop)  # None: all, no views
                     k, v, mass = (t[layer] if rows is None else t[layer][rows]
                                   for t in (self.win_k, self.win_v, self.win_mass))
                     self._kernels.flush(self, layer, k, v, a, a + self.group, src0=a % self.ring, rows=rows,

@@ -111,10 +111,12 @@ def dequantize_channels(packed: Tensor, scale: Tensor, zero: Tensor, bits: int, 
 
 
 def heaviest(mass: Tensor, n: int, group: int) -> Tensor:
-    """MiKV's pick: per block of `group` tokens along the last dim of mass (..., blocks * group), the
-    offsets of its n tokens with the most attention mass, heaviest first, ties to the earlier token
-    (a rule the packing kernel follows exactly, where topk's order among ties is unspecified)."""
-    return mass.unflatten(-1, (-1, group)).sort(dim=-1, descending=True, stable=True).indices[..., :n]
+    """MiKV's pick: of each block of `group` tokens along the last dim of mass (..., blocks * group),
+    the n tokens with the most attention mass, heaviest first, ties to the earlier token (a rule the
+    packing kernel follows exactly, where topk's order among ties is unspecified), as offsets into
+    mass's last dim, block after block: (..., blocks * n)."""
+    top = mass.unflatten(-1, (-1, group)).sort(dim=-1, descending=True, stable=True).indices[..., :n]
+    return (top + torch.arange(0, mass.shape[-1], group, device=mass.device)[:, None]).flatten(-2)
 
 
 @functools.lru_cache(maxsize=None)
