@@ -9,22 +9,78 @@ With HALF the arithmetic runs in float16 (16-bit models; bfloat16 ones too, as t
 stored in float16), else in float32. Codes become floats by OR-ing them into the mantissa of a
 power of two and subtracting it, exactly: a conversion instruction runs at an eighth of the rate of
 arithmetic on recent GPUs, and two of them per element (int -> fp32 -> fp16) made the kernel bound
-by conversions.
+by conversions. On NVIDIA GPUs, codes narrower than a byte are unpacked by inline PTX (_fields_ptx).
 """
 from __future__ import annotations
 
+import os
+
+import torch
 import triton
 import triton.language as tl
+
+
+def _fields_ptx(bits: int) -> str:
+    """PTX mapping four packed bytes to each of their 8/bits fields, OR-ed into the float16 1024.0:
+    output k holds field k of the four bytes as two float16 pairs. prmt spreads bytes 0, 1 (2, 3)
+    to the two halves of a register, then one shift and one lop3 ((x & mask) | 0x64006400) give two
+    codes, so a code costs one instruction; Triton's own unpacking took about three and a half
+    (byte extracts, 16-bit shifts, repacking) on sm_90. That cut kivi2's main loop from 1540 to 1345
+    instructions, but its time at B=8, S=32K on an H100 only 4 % (rotatekv 7 %, MiKV 9 %): the kernel
+    waits on shared memory more than it issues (docs/SPEED.md)."""
+    per = 8 // bits
+    mask = hex((1 << bits) - 1 | ((1 << bits) - 1) << 16)
+    lines = ["{", ".reg .b32 lo, hi, t;", f"prmt.b32 lo, ${2 * per}, 0, 0x4140;", f"prmt.b32 hi, ${2 * per}, 0, 0x4342;"]
+    for k in range(per):
+        for j, src in enumerate(("lo", "hi")):
+            x = src
+            if k:
+                lines.append(f"shr.b32 t, {src}, {bits * k};")
+                x = "t"
+            lines.append(f"lop3.b32 ${2 * k + j}, {x}, {mask}, 0x64006400, 0xEA;")
+    return "\n".join(lines + ["}"])
+
+
+# Inline PTX needs an NVIDIA GPU; Triton's interpreter (the CPU tests) runs the plain-Triton unpacking,
+# which gives the same floats.
+PTX = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and torch.version.hip is None)
+_PTX1 = tl.constexpr(_fields_ptx(1))
+_PTX2 = tl.constexpr(_fields_ptx(2))
+_PTX4 = tl.constexpr(_fields_ptx(4))
+
+
+@triton.jit
+def _asm_fields(byt, BITS: tl.constexpr):
+    """1024.0 + each code of the uint8 tensor byt, float16, in channel order (..., 8 // BITS). A join
+    adds its axis last, so the fields are joined in bit-reversed order."""
+    if BITS == 4:
+        f0, f1 = tl.inline_asm_elementwise(_PTX4, "=r,=r,=r,=r,r", [byt], dtype=(tl.float16, tl.float16),
+                                           is_pure=True, pack=4)
+        out = tl.join(f0, f1)
+    elif BITS == 2:
+        f0, f1, f2, f3 = tl.inline_asm_elementwise(_PTX2, "=r,=r,=r,=r,=r,=r,=r,=r,r", [byt],
+                                                   dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
+                                                   is_pure=True, pack=4)
+        out = tl.join(tl.join(f0, f2), tl.join(f1, f3))
+    else:
+        f0, f1, f2, f3, f4, f5, f6, f7 = tl.inline_asm_elementwise(
+            _PTX1, "=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,r", [byt],
+            dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16),
+            is_pure=True, pack=4)
+        out = tl.join(tl.join(tl.join(f0, f4), tl.join(f2, f6)), tl.join(tl.join(f1, f5), tl.join(f3, f7)))
+    return out
 
 
 @triton.jit
 def _unpack_plane(rows, ok, BITS: tl.constexpr, BYTE0: tl.constexpr, NCH: tl.constexpr, N: tl.constexpr,
                   HALF: tl.constexpr):
-    """Codes (N, NCH), int16 with HALF else int32, of a plane of BITS-bit fields starting at byte
-    BYTE0 of each row."""
+    """Codes (N, NCH) of a plane of BITS-bit fields starting at byte BYTE0 of each row, as floats
+    offset by the magic number of as_float (float16 with HALF, else float32)."""
     PER: tl.constexpr = 8 // BITS
     NB: tl.constexpr = NCH // PER
     byt = tl.load(rows[:, None] + BYTE0 + tl.arange(0, NB)[None, :], mask=ok[:, None], other=0)
+    if HALF and PTX and BITS < 8:  # whole bytes: Triton's own OR is as short
+        return tl.reshape(_asm_fields(byt, BITS), (N, NCH))
     byt = byt.to(tl.int16) if HALF else byt.to(tl.int32)
     # Halve the fields until each holds one code. Every split is a join, which keeps a byte's codes
     # in the registers of the thread that loaded it, so the arithmetic runs on packed pairs. Shifting
@@ -36,31 +92,40 @@ def _unpack_plane(rows, ok, BITS: tl.constexpr, BYTE0: tl.constexpr, NCH: tl.con
         byt = tl.join(byt & 0x3, byt >> 2)
     if PER == 8:
         byt = tl.join(byt & 0x1, byt >> 1)
-    return tl.reshape(byt, (N, NCH))
+    return _with_magic(tl.reshape(byt, (N, NCH)), HALF)
 
 
 @triton.jit
 def unpack(rows, ok, BITS: tl.constexpr, CH0: tl.constexpr, NCH: tl.constexpr, N: tl.constexpr,
            D: tl.constexpr, HALF: tl.constexpr):
     """Codes (N, NCH) as floats (float16 with HALF) of channels CH0.. of the rows at pointers `rows` (N,)."""
+    MAGIC: tl.constexpr = 1024.0 if HALF else 8388608.0  # see _with_magic
     if BITS == 3:
         lo = _unpack_plane(rows, ok, 2, CH0 // 4, NCH, N, HALF)
         hi = _unpack_plane(rows, ok, 1, D // 4 + CH0 // 8, NCH, N, HALF)
-        codes = lo | (hi << 2)
+        codes = (hi - MAGIC) * 4.0 + lo  # magic + lo + 4 hi, exact
     else:
         codes = _unpack_plane(rows, ok, BITS, CH0 * BITS // 8, NCH, N, HALF)
-    return as_float(codes, HALF)
+    return codes - MAGIC
+
+
+@triton.jit
+def _with_magic(codes, HALF: tl.constexpr):
+    """Non-negative integer codes (int16 with HALF, else int32; below 1024) OR-ed into the mantissa of
+    a power of two whose mantissa's unit is 1 (1024.0 in float16, 2**23 in float32): the float is that
+    power of two + code, exactly."""
+    if HALF:  # 0x6400 is 1024.0
+        out = (codes | 0x6400).to(tl.float16, bitcast=True)
+    else:  # 0x4B000000 is 2**23
+        out = (codes | 0x4B000000).to(tl.float32, bitcast=True)
+    return out
 
 
 @triton.jit
 def as_float(codes, HALF: tl.constexpr):
-    """Non-negative integer codes (int16 with HALF, else int32; below 1024) as float16 (HALF) or
-    float32, exactly: OR-ed into the mantissa of a power of two, which is then subtracted."""
-    if HALF:  # 0x6400 is 1024.0: its mantissa's unit is 1
-        out = (codes | 0x6400).to(tl.float16, bitcast=True) - 1024.0
-    else:  # 0x4B000000 is 2**23, likewise
-        out = (codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-    return out
+    """Non-negative integer codes (below 1024) as float16 (HALF) or float32, exactly."""
+    MAGIC: tl.constexpr = 1024.0 if HALF else 8388608.0
+    return _with_magic(codes, HALF) - MAGIC
 
 
 @triton.jit

@@ -1,0 +1,37 @@
+"""The inline-PTX unpacking of kernels.dequant against minikv.quant, on an NVIDIA GPU.
+
+Triton's interpreter cannot run inline PTX, so the CPU tests cover only the plain-Triton unpacking;
+this runs where a GPU is (with TRITON_INTERPRET unset), over every bit width, both halves of a row
+and one or four warps (different register layouts)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
+
+from kernels import dequant  # noqa: E402
+from minikv.quant import unpack as reference_unpack  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and dequant.PTX),
+                                reason="needs an NVIDIA GPU and Triton's compiler (not its interpreter)")
+D, N = 128, 128
+
+
+@triton.jit
+def _unpack_kernel(x_ptr, o_ptr, BITS: tl.constexpr, CH0: tl.constexpr, NCH: tl.constexpr, N: tl.constexpr,
+                   D: tl.constexpr):
+    r = tl.arange(0, N)
+    codes = dequant.unpack(x_ptr + r * (D * BITS // 8), r < N, BITS, CH0, NCH, N, D, True)
+    tl.store(o_ptr + r[:, None] * NCH + tl.arange(0, NCH)[None, :], codes)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("ch0, nch", [(0, D), (0, D // 2), (D // 2, D // 2)])
+@pytest.mark.parametrize("warps", [1, 4])
+def test_unpack_matches_reference(bits, ch0, nch, warps):
+    packed = torch.randint(0, 256, (N, D * bits // 8), dtype=torch.uint8, device="cuda")
+    out = torch.empty(N, nch, dtype=torch.float16, device="cuda")
+    _unpack_kernel[(1,)](packed, out, bits, ch0, nch, N, D, num_warps=warps)
+    assert torch.equal(out, reference_unpack(packed, bits, D)[:, ch0:ch0 + nch].half())
