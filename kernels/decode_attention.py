@@ -3,8 +3,9 @@ flash-decoding) and, through the same kernel, prefill chunks (kernels.prefill_at
 
 Each program takes one (sequence, KV head) and one split of the history, with ALL query heads of
 the KV group at once, so every packed byte is read from memory once and unpacked once (GQA).
-Codes are dequantized in registers (in float16 for 16-bit models, see kernels.dequant); pre-RoPE
-keys get RoPE there too. MiKV's high-precision rows are attended tile by tile in place of the
+Codes are dequantized in registers (in float16 for 16-bit models, see kernels.dequant), the history's
+values one field of the packed bytes at a time so that they reach the tensor cores without a trip
+through shared memory (_history_pv); pre-RoPE keys get RoPE there too. MiKV's high-precision rows are attended tile by tile in place of the
 low-bit rows they replace, and the attention mass of the ring (and of a chunk's own tokens) is
 recomputed afterwards from the log-sum-exp. The last split covers the window ring (and a prefill
 chunk's own tokens) and split 0 the sinks; with RING_SPLIT the last split holds no history and
@@ -24,7 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.dequant import dequant_channels, dequant_tokens, rope_halves, rope_rows
+from kernels.dequant import _meta, dequant_channels, dequant_tokens, field, rope_halves, rope_rows
 from kernels.layout import HiRows, History, PreRope, Spec
 
 LOG2E = 1.4426950408889634
@@ -156,6 +157,52 @@ def _history_keys(hk_ptr, ks_ptr, kz_ptr, kmat_ptr, cos_ptr, sin_ptr, tok, ok, m
 
 
 @triton.jit
+def _field_pv(p, byt, s, z, BITS: tl.constexpr, K: tl.constexpr, PREC: tl.constexpr, HALF: tl.constexpr):
+    """p @ (values of field K of the bytes byt (N, D*BITS/8), dequantized by per-byte s and z)."""
+    v = field(byt, BITS, K, HALF) * s + z
+    return tl.dot(p.to(v.dtype), v, input_precision=PREC)
+
+
+@triton.jit
+def _history_pv(p, hv_ptr, vs_ptr, vz_ptr, tok, ok, V_BITS: tl.constexpr, V_GROUP: tl.constexpr,
+                V_NG: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr,
+                HALF: tl.constexpr):
+    """p (M, N) @ the history values of a tile (N, D), one product per field of the packed bytes: field k
+    holds channels k, k + 8/V_BITS, ... Each field is dequantized elementwise from the bytes, so it
+    reaches the tensor cores in registers; dequantizing the whole (N, D) tile first made it go through
+    shared memory, which bounded the kernel (docs/SPEED.md). The products' columns are interleaved back
+    into channel order (a join adds its axis last, hence the bit-reversed order). Needs groups of whole
+    bytes and V_BITS in {1, 2, 4, 8}."""
+    PER: tl.constexpr = 8 // V_BITS
+    NB: tl.constexpr = D * V_BITS // 8
+    byt = tl.load(hv_ptr + tok[:, None] * NB + tl.arange(0, NB)[None, :], mask=ok[:, None], other=0)
+    meta = tok[:, None] * V_NG + tl.arange(0, V_NG)[None, :]
+    s = _meta(vs_ptr, meta, ok[:, None], HALF)  # (N, V_NG), spread to the bytes of each group
+    z = _meta(vz_ptr, meta, ok[:, None], HALF)
+    s = tl.reshape(tl.broadcast_to(s[:, :, None], (BLOCK_N, V_NG, NB // V_NG)), (BLOCK_N, NB))
+    z = tl.reshape(tl.broadcast_to(z[:, :, None], (BLOCK_N, V_NG, NB // V_NG)), (BLOCK_N, NB))
+    if PER == 1:
+        pv = _field_pv(p, byt, s, z, V_BITS, 0, PREC, HALF)
+    elif PER == 2:
+        pv = tl.join(_field_pv(p, byt, s, z, V_BITS, 0, PREC, HALF), _field_pv(p, byt, s, z, V_BITS, 1, PREC, HALF))
+    elif PER == 4:
+        pv = tl.join(tl.join(_field_pv(p, byt, s, z, V_BITS, 0, PREC, HALF),
+                             _field_pv(p, byt, s, z, V_BITS, 2, PREC, HALF)),
+                     tl.join(_field_pv(p, byt, s, z, V_BITS, 1, PREC, HALF),
+                             _field_pv(p, byt, s, z, V_BITS, 3, PREC, HALF)))
+    else:
+        pv = tl.join(tl.join(tl.join(_field_pv(p, byt, s, z, V_BITS, 0, PREC, HALF),
+                                     _field_pv(p, byt, s, z, V_BITS, 4, PREC, HALF)),
+                             tl.join(_field_pv(p, byt, s, z, V_BITS, 2, PREC, HALF),
+                                     _field_pv(p, byt, s, z, V_BITS, 6, PREC, HALF))),
+                     tl.join(tl.join(_field_pv(p, byt, s, z, V_BITS, 1, PREC, HALF),
+                                     _field_pv(p, byt, s, z, V_BITS, 5, PREC, HALF)),
+                             tl.join(_field_pv(p, byt, s, z, V_BITS, 3, PREC, HALF),
+                                     _field_pv(p, byt, s, z, V_BITS, 7, PREC, HALF))))
+    return tl.reshape(pv, (p.shape[0], D))
+
+
+@triton.jit
 def _hi_tile(hk_ptr, hv_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, idx_ptr, kmat_ptr, cos_ptr, sin_ptr, bh, C_hi, t,
              n_hist, pos0, ci, si, hk, HI_BITS: tl.constexpr, HI_ROWS: tl.constexpr, HP: tl.constexpr,
              G: tl.constexpr, K_GROUP: tl.constexpr, K_NG: tl.constexpr, V_GROUP: tl.constexpr, V_NG: tl.constexpr,
@@ -247,6 +294,10 @@ def _attention_kernel(
     per_split = tl.cdiv(n_tiles, HIST_SPLITS)  # with RING_SPLIT the last split starts past the end
     t_end = tl.minimum(split * per_split + per_split, n_tiles)
     VB: tl.constexpr = D * V_BITS // 8
+    # Values one field at a time (_history_pv) in decode; prefill chunks, whose M query rows make the
+    # interleaving of the products cost more, kept the whole-tile form (512-token chunk over 32K tokens
+    # on an H100, k4v2: 4.0 ms whole-tile, 5.1 ms by fields).
+    V_FIELDS: tl.constexpr = V_BITS != 3 and V_GROUP * V_BITS >= 8 and not CHUNK
     pos0 = 0
     ci = tl.zeros((BLOCK_N, D // 2), qh_lo.dtype)
     si = tl.zeros((BLOCK_N, D // 2), qh_lo.dtype)
@@ -264,8 +315,6 @@ def _attention_kernel(
         k_lo, k_hi = _history_keys(hk_ptr, ks_ptr, kz_ptr, kmat_ptr, cos_ptr, sin_ptr, tok, ok, meta_row,
                                    pos0 + t * BLOCK_N, ci, si, bh % Hkv, K_BITS, K_PER_CHANNEL, K_GROUP, K_NG, ROPE,
                                    KMAT, BLOCK_N, D, NBLK, PREC, HALF)
-        v = dequant_tokens(hv_ptr + tok * VB, tok * (D // V_GROUP), ok, vs_ptr, vz_ptr, V_BITS, 0, D, V_GROUP,
-                           V_NG, BLOCK_N, D, HALF)
         if HI_ROWS > 0:  # MiKV: rows with high-precision twins are attended through those instead
             hrow, hk_lo, hk_hi, hv = _hi_tile(hik_ptr, hiv_ptr, hks_ptr, hkz_ptr, hvs_ptr, hvz_ptr, hidx_ptr,
                                               kmat_ptr, cos_ptr, sin_ptr, bh, C_hi, t, n_hist, pos0, ci, si,
@@ -275,10 +324,16 @@ def _attention_kernel(
             p, ph, alpha, m_i, l_i = _softmax_step_hi(_qk(qh_lo, qh_hi, k_lo, k_hi, PREC), ok[None, :],
                                                       _qk(qh_lo, qh_hi, hk_lo, hk_hi, PREC), (hrow >= 0)[None, :],
                                                       m_i, l_i)
-            pv = tl.dot(p.to(v.dtype), v, input_precision=PREC) + tl.dot(ph.to(hv.dtype), hv, input_precision=PREC)
         else:
             p, alpha, m_i, l_i = _softmax_step(_qk(qh_lo, qh_hi, k_lo, k_hi, PREC), ok[None, :], m_i, l_i)
+        if V_FIELDS:
+            pv = _history_pv(p, hv_ptr, vs_ptr, vz_ptr, tok, ok, V_BITS, V_GROUP, V_NG, BLOCK_N, D, PREC, HALF)
+        else:  # the whole tile dequantized first
+            v = dequant_tokens(hv_ptr + tok * VB, tok * V_NG, ok, vs_ptr, vz_ptr, V_BITS, 0, D, V_GROUP, V_NG,
+                               BLOCK_N, D, HALF)
             pv = tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        if HI_ROWS > 0:
+            pv += tl.dot(ph.to(hv.dtype), hv, input_precision=PREC)
         acc, acc_h = _accumulate(acc, acc_h, alpha, pv, SPLIT_V)
 
     if split == SPLITS - 1:
@@ -438,10 +493,10 @@ def decode_attention(q: Tensor, sink_k: Tensor, sink_v: Tensor, lengths: Tensor,
     """Same arguments and result as kernels.reference.decode_attention, plus launch settings:
     `splits` (default: from the history's capacity, so one launch fits every fill level),
     `block_n` and `num_stages` (default 128 tokens, pipelined by Triton's default; with pre-RoPE keys,
-    whose key-matrix product needs the registers, 64-token tiles unless every split loops over four
-    128-token tiles or more, which then run unpipelined: K4V2 on an H100 took 0.569 ms that way at B=8,
-    S=32K against 0.603 with 64-token tiles and 0.892 with 128 pipelined, while over 1K tokens at B=1
-    64-token tiles were best, 25 against 33 us) and `num_warps` (default 4, or 8 without a key matrix
+    whose key-matrix product needs the registers, 64-token tiles unless the keys are narrower than 4 bits
+    and every split loops over four 128-token tiles or more, which then run unpipelined: on an H100 at
+    B=8, S=32K rotatekv took 0.474 ms that way against 0.533 with 64-token tiles, and K4V2 0.574 against
+    0.523, while over 1K tokens at B=1 64-token tiles were best, 25 against 33 us) and `num_warps` (default 4, or 8 without a key matrix
     when the programs do not fill the multiprocessors: Llama-2-7B at B=1 over 1K tokens decoded 2-4 %
     faster with int8, kivi2 and k4v4, and 6 % slower with k4v2; at B=8, S=32K 8 warps were slower),
     `ring_split` (default: when the history is split into splits of at most two tiles) a split of
@@ -450,7 +505,7 @@ def decode_attention(q: Tensor, sink_k: Tensor, sink_v: Tensor, lengths: Tensor,
     B, Hq, D = q.shape
     Hkv, C_h = sink_k.shape[1], hist.k.shape[2]
     pre_rope = key_matrix is not None or rope is not None
-    long_splits = pre_rope and 4 * num_splits(B, Hkv, C_h, 128) <= triton.cdiv(C_h, 128)
+    long_splits = pre_rope and spec.k_bits < 4 and 4 * num_splits(B, Hkv, C_h, 128) <= triton.cdiv(C_h, 128)
     block_n = block_n or (64 if pre_rope and not long_splits else 128)
     if long_splits and block_n == 128:
         num_stages = num_stages or 1

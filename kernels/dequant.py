@@ -50,25 +50,40 @@ _PTX4 = tl.constexpr(_fields_ptx(4))
 
 
 @triton.jit
-def _asm_fields(byt, BITS: tl.constexpr):
-    """1024.0 + each code of the uint8 tensor byt, float16, in channel order (..., 8 // BITS). A join
-    adds its axis last, so the fields are joined in bit-reversed order."""
+def _ptx_field(byt, BITS: tl.constexpr, K: tl.constexpr):
+    """1024.0 + code K of each byte of the uint8 tensor byt, float16. The calls for the other fields of
+    the same bytes share one PTX block: pure inline assembly with equal operands is computed once."""
     if BITS == 4:
         f0, f1 = tl.inline_asm_elementwise(_PTX4, "=r,=r,=r,=r,r", [byt], dtype=(tl.float16, tl.float16),
                                            is_pure=True, pack=4)
-        out = tl.join(f0, f1)
+        out = f0 if K == 0 else f1
     elif BITS == 2:
         f0, f1, f2, f3 = tl.inline_asm_elementwise(_PTX2, "=r,=r,=r,=r,=r,=r,=r,=r,r", [byt],
                                                    dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
                                                    is_pure=True, pack=4)
-        out = tl.join(tl.join(f0, f2), tl.join(f1, f3))
+        out = f0 if K == 0 else f1 if K == 1 else f2 if K == 2 else f3
     else:
         f0, f1, f2, f3, f4, f5, f6, f7 = tl.inline_asm_elementwise(
             _PTX1, "=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,r", [byt],
             dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16),
             is_pure=True, pack=4)
-        out = tl.join(tl.join(tl.join(f0, f4), tl.join(f2, f6)), tl.join(tl.join(f1, f5), tl.join(f3, f7)))
+        out = (f0 if K == 0 else f1 if K == 1 else f2 if K == 2 else f3 if K == 3 else f4 if K == 4 else
+               f5 if K == 5 else f6 if K == 6 else f7)
     return out
+
+
+@triton.jit
+def field(byt, BITS: tl.constexpr, K: tl.constexpr, HALF: tl.constexpr):
+    """Code K (bits K*BITS..) of each byte of the uint8 tensor byt as floats, float16 with HALF: the
+    channels K, K + 8/BITS, ... of a row. Elementwise, so a consumer may take any register layout
+    (kernels.decode_attention feeds each field straight to the tensor cores)."""
+    MAGIC: tl.constexpr = 1024.0 if HALF else 8388608.0  # see _with_magic
+    if HALF and PTX and BITS < 8:
+        out = _ptx_field(byt, BITS, K)
+    else:
+        MASK: tl.constexpr = (1 << BITS) - 1
+        out = _with_magic((byt.to(tl.int16) if HALF else byt.to(tl.int32)) >> (K * BITS) & MASK, HALF)
+    return out - MAGIC
 
 
 @triton.jit
@@ -80,7 +95,18 @@ def _unpack_plane(rows, ok, BITS: tl.constexpr, BYTE0: tl.constexpr, NCH: tl.con
     NB: tl.constexpr = NCH // PER
     byt = tl.load(rows[:, None] + BYTE0 + tl.arange(0, NB)[None, :], mask=ok[:, None], other=0)
     if HALF and PTX and BITS < 8:  # whole bytes: Triton's own OR is as short
-        return tl.reshape(_asm_fields(byt, BITS), (N, NCH))
+        # A join adds its axis last, so the fields are joined in bit-reversed order.
+        if BITS == 4:
+            out = tl.join(_ptx_field(byt, 4, 0), _ptx_field(byt, 4, 1))
+        elif BITS == 2:
+            out = tl.join(tl.join(_ptx_field(byt, 2, 0), _ptx_field(byt, 2, 2)),
+                          tl.join(_ptx_field(byt, 2, 1), _ptx_field(byt, 2, 3)))
+        else:
+            out = tl.join(tl.join(tl.join(_ptx_field(byt, 1, 0), _ptx_field(byt, 1, 4)),
+                                  tl.join(_ptx_field(byt, 1, 2), _ptx_field(byt, 1, 6))),
+                          tl.join(tl.join(_ptx_field(byt, 1, 1), _ptx_field(byt, 1, 5)),
+                                  tl.join(_ptx_field(byt, 1, 3), _ptx_field(byt, 1, 7))))
+        return tl.reshape(out, (N, NCH))
     byt = byt.to(tl.int16) if HALF else byt.to(tl.int32)
     # Halve the fields until each holds one code. Every split is a join, which keeps a byte's codes
     # in the registers of the thread that loaded it, so the arithmetic runs on packed pairs. Shifting

@@ -1,4 +1,4 @@
-"""The inline-PTX unpacking of kernels.dequant against minikv.quant, on an NVIDIA GPU.
+"""The inline-PTX unpacking of kernels.dequant (unpack, field) against minikv.quant, on an NVIDIA GPU.
 
 Triton's interpreter cannot run inline PTX, so the CPU tests cover only the plain-Triton unpacking;
 this runs where a GPU is (with TRITON_INTERPRET unset), over every bit width, both halves of a row
@@ -35,3 +35,20 @@ def test_unpack_matches_reference(bits, ch0, nch, warps):
     out = torch.empty(N, nch, dtype=torch.float16, device="cuda")
     _unpack_kernel[(1,)](packed, out, bits, ch0, nch, N, D, num_warps=warps)
     assert torch.equal(out, reference_unpack(packed, bits, D)[:, ch0:ch0 + nch].half())
+
+
+@triton.jit
+def _field_kernel(x_ptr, o_ptr, BITS: tl.constexpr, K: tl.constexpr, N: tl.constexpr, NB: tl.constexpr):
+    r = tl.arange(0, N)[:, None] * NB + tl.arange(0, NB)[None, :]
+    tl.store(o_ptr + r, dequant.field(tl.load(x_ptr + r), BITS, K, True))
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_field_matches_reference(bits):
+    per, nb = 8 // bits, D * bits // 8
+    packed = torch.randint(0, 256, (N, nb), dtype=torch.uint8, device="cuda")
+    want = reference_unpack(packed, bits, D).half()
+    for k in range(per):
+        out = torch.empty(N, nb, dtype=torch.float16, device="cuda")
+        _field_kernel[(1,)](packed, out, bits, k, N, nb, num_warps=4)
+        assert torch.equal(out, want[:, k::per]), k
