@@ -90,7 +90,7 @@ def field(byt, BITS: tl.constexpr, K: tl.constexpr, HALF: tl.constexpr):
 def _unpack_plane(rows, ok, BITS: tl.constexpr, BYTE0: tl.constexpr, NCH: tl.constexpr, N: tl.constexpr,
                   HALF: tl.constexpr):
     """Codes (N, NCH) of a plane of BITS-bit fields starting at byte BYTE0 of each row, as floats
-    offset by the magic number of as_float (float16 with HALF, else float32)."""
+    offset by the power of two of _with_magic (float16 with HALF, else float32)."""
     PER: tl.constexpr = 8 // BITS
     NB: tl.constexpr = NCH // PER
     byt = tl.load(rows[:, None] + BYTE0 + tl.arange(0, NB)[None, :], mask=ok[:, None], other=0)

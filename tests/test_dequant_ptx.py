@@ -1,9 +1,15 @@
 """The inline-PTX unpacking of kernels.dequant (unpack, field) against minikv.quant, on an NVIDIA GPU.
 
-Triton's interpreter cannot run inline PTX, so the CPU tests cover only the plain-Triton unpacking;
-this runs where a GPU is (with TRITON_INTERPRET unset), over every bit width, both halves of a row
-and one or four warps (different register layouts)."""
+Triton's interpreter cannot run inline PTX, so the CPU tests cover only the plain-Triton unpacking.
+Like the other kernel tests, this module runs Triton's interpreter unless told otherwise (one process
+cannot mix both modes), and then skips; on a GPU run it alone with the compiler:
+`TRITON_INTERPRET=0 python -m pytest tests/test_dequant_ptx.py`. It covers every bit width, both
+halves of a row and one or four warps (different register layouts)."""
 from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported, as in tests/test_kernels.py
 
 import pytest
 import torch
@@ -15,7 +21,7 @@ from kernels import dequant  # noqa: E402
 from minikv.quant import unpack as reference_unpack  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and dequant.PTX),
-                                reason="needs an NVIDIA GPU and Triton's compiler (not its interpreter)")
+                                reason="needs an NVIDIA GPU and TRITON_INTERPRET=0")
 D, N = 128, 128
 
 
