@@ -6,6 +6,10 @@ step removed (their results are wrong; only their speed means anything), on a CU
 Variants: base (as shipped); no_v_affine (values skip code * scale + zero); no_k_affine (per-channel
 keys skip it); no_sub (codes stay 1024 + code); and their combinations. Each runs in its own process,
 CUDA-graph time of one decode-attention call at batch 8, 32K tokens, GQA 32/8, D 128.
+
+The edits match the kernels of commits 02a75a7..ff116b2, which the table in docs/SPEED.md measured;
+on later kernels (values by fields, no subtraction in the OR step) they no longer apply, and the
+script stops at its first edit rather than time a kernel it did not change.
 """
 from __future__ import annotations
 
