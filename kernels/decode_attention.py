@@ -1,17 +1,17 @@
 """Attention over the packed store, read in place: decode (one query token per sequence,
 flash-decoding) and, through the same kernel, prefill chunks (kernels.prefill_attention).
 
-Each program takes one (sequence, KV head) and one split of the history, with ALL query heads of
-the KV group at once, so every packed byte is read from memory once and unpacked once (GQA).
-Codes are dequantized in registers (in float16 for 16-bit models, see kernels.dequant), the history's
-values one field of the packed bytes at a time so that they reach the tensor cores without a trip
-through shared memory (_history_pv); pre-RoPE keys get RoPE there too. MiKV's high-precision rows are attended tile by tile in place of the
-low-bit rows they replace, and the attention mass of the ring (and of a chunk's own tokens) is
-recomputed afterwards from the log-sum-exp. The last split covers the window ring (and a prefill
-chunk's own tokens) and split 0 the sinks; with RING_SPLIT the last split holds no history and
-covers the sinks too, so that no program does a history split's work plus the ring's. Partial
-(max, sum, acc) per split are merged by a second small kernel, or written directly when there is
-one split.
+Each program takes one (sequence, KV head) and one split of the history, with ALL query heads of the
+KV group at once, so every packed byte is read from memory once and unpacked once (GQA). Codes are
+dequantized in registers (in float16 for 16-bit models, see kernels.dequant), the history's values
+one field of the packed bytes at a time so that they reach the tensor cores without a trip through
+shared memory (_history_pv); pre-RoPE keys get RoPE there too. MiKV's high-precision rows are
+attended tile by tile in place of the low-bit rows they replace, and the attention mass of the ring
+(and of a chunk's own tokens) is recomputed afterwards from the log-sum-exp. The last split covers
+the window ring (and a prefill chunk's own tokens) and split 0 the sinks; with RING_SPLIT the last
+split holds no history and covers the sinks too, so that no program does a history split's work plus
+the ring's. Partial (max, sum, acc) per split are merged by a second small kernel, or written
+directly when there is one split.
 Lengths live on the device, so a launch is valid for any fill level and can be captured in a
 CUDA graph. Its plain-PyTorch twin is kernels.reference.decode_attention.
 """
@@ -157,10 +157,18 @@ def _history_keys(hk_ptr, ks_ptr, kz_ptr, kmat_ptr, cos_ptr, sin_ptr, tok, ok, m
 
 
 @triton.jit
-def _field_pv(p, byt, s, z, BITS: tl.constexpr, K: tl.constexpr, PREC: tl.constexpr, HALF: tl.constexpr):
-    """p @ (values of field K of the bytes byt (N, D*BITS/8), dequantized by per-byte s and z)."""
-    v = field(byt, BITS, K, HALF) * s + z
-    return tl.dot(p.to(v.dtype), v, input_precision=PREC)
+def _fields_pv(p, byt, s, z, BITS: tl.constexpr, K0: tl.constexpr, STEP: tl.constexpr, N: tl.constexpr,
+               PREC: tl.constexpr, HALF: tl.constexpr):
+    """p @ (the values of field k of the bytes byt (N_tok, D*BITS/8), dequantized by per-byte s and z) for
+    the N fields k = K0, K0 + STEP, ..., stacked along a new last axis in that order. A join adds its
+    axis last, so the two halves are the even and the odd fields of the run."""
+    if N == 1:
+        v = field(byt, BITS, K0, HALF) * s + z
+        out = tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    else:
+        out = tl.join(_fields_pv(p, byt, s, z, BITS, K0, 2 * STEP, N // 2, PREC, HALF),
+                      _fields_pv(p, byt, s, z, BITS, K0 + STEP, 2 * STEP, N // 2, PREC, HALF))
+    return out
 
 
 @triton.jit
@@ -171,9 +179,7 @@ def _history_pv(p, hv_ptr, vs_ptr, vz_ptr, tok, ok, V_BITS: tl.constexpr, V_GROU
     holds channels k, k + 8/V_BITS, ... Each field is dequantized elementwise from the bytes, so it
     reaches the tensor cores in registers; dequantizing the whole (N, D) tile first made it go through
     shared memory, which bounded the kernel (docs/SPEED.md). The products' columns are interleaved back
-    into channel order (a join adds its axis last, hence the bit-reversed order). Needs groups of whole
-    bytes and V_BITS in {1, 2, 4, 8}."""
-    PER: tl.constexpr = 8 // V_BITS
+    into channel order. Needs groups of whole bytes and V_BITS in {1, 2, 4, 8}."""
     NB: tl.constexpr = D * V_BITS // 8
     byt = tl.load(hv_ptr + tok[:, None] * NB + tl.arange(0, NB)[None, :], mask=ok[:, None], other=0)
     meta = tok[:, None] * V_NG + tl.arange(0, V_NG)[None, :]
@@ -181,25 +187,7 @@ def _history_pv(p, hv_ptr, vs_ptr, vz_ptr, tok, ok, V_BITS: tl.constexpr, V_GROU
     z = _meta(vz_ptr, meta, ok[:, None], HALF)
     s = tl.reshape(tl.broadcast_to(s[:, :, None], (BLOCK_N, V_NG, NB // V_NG)), (BLOCK_N, NB))
     z = tl.reshape(tl.broadcast_to(z[:, :, None], (BLOCK_N, V_NG, NB // V_NG)), (BLOCK_N, NB))
-    if PER == 1:
-        pv = _field_pv(p, byt, s, z, V_BITS, 0, PREC, HALF)
-    elif PER == 2:
-        pv = tl.join(_field_pv(p, byt, s, z, V_BITS, 0, PREC, HALF), _field_pv(p, byt, s, z, V_BITS, 1, PREC, HALF))
-    elif PER == 4:
-        pv = tl.join(tl.join(_field_pv(p, byt, s, z, V_BITS, 0, PREC, HALF),
-                             _field_pv(p, byt, s, z, V_BITS, 2, PREC, HALF)),
-                     tl.join(_field_pv(p, byt, s, z, V_BITS, 1, PREC, HALF),
-                             _field_pv(p, byt, s, z, V_BITS, 3, PREC, HALF)))
-    else:
-        pv = tl.join(tl.join(tl.join(_field_pv(p, byt, s, z, V_BITS, 0, PREC, HALF),
-                                     _field_pv(p, byt, s, z, V_BITS, 4, PREC, HALF)),
-                             tl.join(_field_pv(p, byt, s, z, V_BITS, 2, PREC, HALF),
-                                     _field_pv(p, byt, s, z, V_BITS, 6, PREC, HALF))),
-                     tl.join(tl.join(_field_pv(p, byt, s, z, V_BITS, 1, PREC, HALF),
-                                     _field_pv(p, byt, s, z, V_BITS, 5, PREC, HALF)),
-                             tl.join(_field_pv(p, byt, s, z, V_BITS, 3, PREC, HALF),
-                                     _field_pv(p, byt, s, z, V_BITS, 7, PREC, HALF))))
-    return tl.reshape(pv, (p.shape[0], D))
+    return tl.reshape(_fields_pv(p, byt, s, z, V_BITS, 0, 1, 8 // V_BITS, PREC, HALF), (p.shape[0], D))
 
 
 @triton.jit
@@ -496,9 +484,10 @@ def decode_attention(q: Tensor, sink_k: Tensor, sink_v: Tensor, lengths: Tensor,
     whose key-matrix product needs the registers, 64-token tiles unless the keys are narrower than 4 bits
     and every split loops over four 128-token tiles or more, which then run unpipelined: on an H100 at
     B=8, S=32K rotatekv took 0.474 ms that way against 0.533 with 64-token tiles, and K4V2 0.574 against
-    0.523, while over 1K tokens at B=1 64-token tiles were best, 25 against 33 us) and `num_warps` (default 4, or 8 without a key matrix
-    when the programs do not fill the multiprocessors: Llama-2-7B at B=1 over 1K tokens decoded 2-4 %
-    faster with int8, kivi2 and k4v4, and 6 % slower with k4v2; at B=8, S=32K 8 warps were slower),
+    0.523, while over 1K tokens at B=1 64-token tiles were best, 25 against 33 us) and `num_warps`
+    (default 4, or 8 without a key matrix when the programs do not fill the multiprocessors: Llama-2-7B
+    at B=1 over 1K tokens decoded 2-4 % faster with int8, kivi2 and k4v4, and 6 % slower with k4v2; at
+    B=8, S=32K 8 warps were slower),
     `ring_split` (default: when the history is split into splits of at most two tiles) a split of
     their own for the sinks and the ring, so that the program of the last history split does not also
     attend them: short splits are where that program's extra tiles set the kernel's time."""

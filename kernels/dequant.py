@@ -30,7 +30,8 @@ def _fields_ptx(bits: int) -> str:
     waits on shared memory more than it issues (docs/SPEED.md)."""
     per = 8 // bits
     mask = hex((1 << bits) - 1 | ((1 << bits) - 1) << 16)
-    lines = ["{", ".reg .b32 lo, hi, t;", f"prmt.b32 lo, ${2 * per}, 0, 0x4140;", f"prmt.b32 hi, ${2 * per}, 0, 0x4342;"]
+    lines = ["{", ".reg .b32 lo, hi, t;",
+             f"prmt.b32 lo, ${2 * per}, 0, 0x4140;", f"prmt.b32 hi, ${2 * per}, 0, 0x4342;"]
     for k in range(per):
         for j, src in enumerate(("lo", "hi")):
             x = src
@@ -73,6 +74,17 @@ def _ptx_field(byt, BITS: tl.constexpr, K: tl.constexpr):
 
 
 @triton.jit
+def _ptx_fields(byt, BITS: tl.constexpr, K0: tl.constexpr, STEP: tl.constexpr, N: tl.constexpr):
+    """_ptx_field of the N codes K0, K0 + STEP, ... of each byte along a new last axis, in that order. A join
+    adds its axis last, so the two halves are the even and the odd codes of the run."""
+    if N == 1:
+        out = _ptx_field(byt, BITS, K0)
+    else:
+        out = tl.join(_ptx_fields(byt, BITS, K0, 2 * STEP, N // 2), _ptx_fields(byt, BITS, K0 + STEP, 2 * STEP, N // 2))
+    return out
+
+
+@triton.jit
 def field(byt, BITS: tl.constexpr, K: tl.constexpr, HALF: tl.constexpr):
     """Code K (bits K*BITS..) of each byte of the uint8 tensor byt as floats, float16 with HALF: the
     channels K, K + 8/BITS, ... of a row. Elementwise, so a consumer may take any register layout
@@ -95,18 +107,7 @@ def _unpack_plane(rows, ok, BITS: tl.constexpr, BYTE0: tl.constexpr, NCH: tl.con
     NB: tl.constexpr = NCH // PER
     byt = tl.load(rows[:, None] + BYTE0 + tl.arange(0, NB)[None, :], mask=ok[:, None], other=0)
     if HALF and PTX and BITS < 8:  # whole bytes: Triton's own OR is as short
-        # A join adds its axis last, so the fields are joined in bit-reversed order.
-        if BITS == 4:
-            out = tl.join(_ptx_field(byt, 4, 0), _ptx_field(byt, 4, 1))
-        elif BITS == 2:
-            out = tl.join(tl.join(_ptx_field(byt, 2, 0), _ptx_field(byt, 2, 2)),
-                          tl.join(_ptx_field(byt, 2, 1), _ptx_field(byt, 2, 3)))
-        else:
-            out = tl.join(tl.join(tl.join(_ptx_field(byt, 1, 0), _ptx_field(byt, 1, 4)),
-                                  tl.join(_ptx_field(byt, 1, 2), _ptx_field(byt, 1, 6))),
-                          tl.join(tl.join(_ptx_field(byt, 1, 1), _ptx_field(byt, 1, 5)),
-                                  tl.join(_ptx_field(byt, 1, 3), _ptx_field(byt, 1, 7))))
-        return tl.reshape(out, (N, NCH))
+        return tl.reshape(_ptx_fields(byt, BITS, 0, 1, PER), (N, NCH))
     byt = byt.to(tl.int16) if HALF else byt.to(tl.int32)
     # Halve the fields until each holds one code. Every split is a join, which keeps a byte's codes
     # in the registers of the thread that loaded it, so the arithmetic runs on packed pairs. Shifting
@@ -145,13 +146,6 @@ def _with_magic(codes, HALF: tl.constexpr):
     else:  # 0x4B000000 is 2**23
         out = (codes | 0x4B000000).to(tl.float32, bitcast=True)
     return out
-
-
-@triton.jit
-def as_float(codes, HALF: tl.constexpr):
-    """Non-negative integer codes (below 1024) as float16 (HALF) or float32, exactly."""
-    MAGIC: tl.constexpr = 1024.0 if HALF else 8388608.0
-    return _with_magic(codes, HALF) - MAGIC
 
 
 @triton.jit

@@ -160,8 +160,9 @@ def flush(store, layer: int, k: Tensor, v: Tensor, a: int, b: int, src0: int = 0
           mass: Tensor | None = None) -> None:
     """Quantize attention-space keys and values of positions hist_pos0+a.. into history rows a..b-1
     of the sequences `rows` (default all), in one launch (the store's _write and _write_important,
-    fused): b-a rows of k, v (B', H, S, D) from row src0 on, wrapping modulo S (so straight from the
-    ring); in a MiKV layer, `mass` (B', H, S) of the same rows picks each block's high-precision rows."""
+    fused): b-a rows of k, v (B, H, S, D) from row src0 on, wrapping modulo S (so straight from the
+    ring); in a MiKV layer, `mass` (B, H, S) picks each block's high-precision rows. k, v and mass
+    hold every sequence; `rows` selects from them as from the store."""
     s, plan = store.settings, store.plans[layer]
     kw = {}
     if s.prerope:
@@ -169,6 +170,6 @@ def flush(store, layer: int, k: Tensor, v: Tensor, a: int, b: int, src0: int = 0
     kw["key_matrix"] = _to_stored(store, layer)
     if s.rotate_v:
         kw["value_matrix"] = store.hadamard
-    quantize_pack(k.contiguous(), v.contiguous(), src0, b - a, _history(store, layer, rows), a, spec(store, layer),
-                  plan.clip_k, plan.clip_v, hi=_hi_rows(store, layer, rows),
-                  mass=None if mass is None else mass.contiguous(), **kw)
+    quantize_pack(_take(k, rows).contiguous(), _take(v, rows).contiguous(), src0, b - a, _history(store, layer, rows),
+                  a, spec(store, layer), plan.clip_k, plan.clip_v, hi=_hi_rows(store, layer, rows),
+                  mass=None if mass is None else _take(mass, rows).contiguous(), **kw)

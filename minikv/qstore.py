@@ -527,10 +527,9 @@ class QuantizedStore(KVStore):
             for layer in (layer for layer, fast in enumerate(self._fast) if fast):
                 for start, stop, a in runs:
                     rows = None if stop - start == self.batch else slice(start, stop)  # None: all, no views
-                    k, v, mass = (t[layer] if rows is None else t[layer][rows]
-                                  for t in (self.win_k, self.win_v, self.win_mass))
-                    self._kernels.flush(self, layer, k, v, a, a + self.group, src0=a % self.ring, rows=rows,
-                                        mass=mass if self.mikv_layer(layer) else None)
+                    self._kernels.flush(self, layer, self.win_k[layer], self.win_v[layer], a, a + self.group,
+                                        src0=a % self.ring, rows=rows,
+                                        mass=self.win_mass[layer] if self.mikv_layer(layer) else None)
         super().advance(n)
 
     def _begin_step(self, start: Tensor) -> None:

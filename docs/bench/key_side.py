@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dequant import as_float, dequant_channels
+from kernels.dequant import dequant_channels, field
 
 D, G, ROWS = 128, 32, 16
 NB = D // 4  # bytes per token at 2 bits
@@ -27,8 +27,7 @@ NB = D // 4  # bytes per token at 2 bits
 @triton.jit
 def _field(byt, s_ptr, z_ptr, moff, F: tl.constexpr):
     """Keys (N, D/4) of channels 4j + F, dequantized in float16."""
-    codes = as_float((byt >> (2 * F)) & 3, True)
-    return codes * tl.load(s_ptr + moff + F) + tl.load(z_ptr + moff + F)
+    return field(byt, 2, F, True) * tl.load(s_ptr + moff + F) + tl.load(z_ptr + moff + F)
 
 
 @triton.jit
@@ -60,7 +59,7 @@ def kern(q_ptr, k_ptr, s_ptr, z_ptr, o_ptr, n_tok, per_split, MODE: tl.constexpr
             s = tl.dot(tl.load(q_rows + tl.arange(0, D)[None, :]), tl.trans(k))
             m_i, l_i = _lse_step(s, m_i, l_i, 1)
         else:
-            byt = tl.load(tok[:, None] + tl.arange(0, NB)[None, :]).to(tl.int16)
+            byt = tl.load(tok[:, None] + tl.arange(0, NB)[None, :])
             moff = (bh * n_tok // G + rows // G)[:, None] * D + tl.arange(0, NB)[None, :] * 4
             qf = q_rows + tl.arange(0, NB)[None, :] * 4
             if MODE == 1:  # keys as the second operand
