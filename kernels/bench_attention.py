@@ -34,6 +34,8 @@ PRESETS = {  # name -> (Spec, pre-RoPE keys with a key matrix and rotated values
     "k4v2": (Spec(D, 4, 2, True, 64, 64, 64), True),
     "k4v2-postrope": (Spec(D, 4, 2, True, 64, 64, 64), False),  # the same bits with keys after RoPE
     "kivi2": (Spec(D, 2, 2, True, 32, 32, 32), False),
+    "kivi4": (Spec(D, 4, 4, True, 32, 32, 32), False),
+    "k4v4": (Spec(D, 4, 4, True, 64, 64, 64), False),  # values rotated too (not timed here)
     "skvq": (Spec(D, 3, 2, False, 32, 32, 32), False),
     "rotatekv": (Spec(D, 2, 2, True, 64, 64, 64), True),
     "int8": (Spec(D, 8, 8, True, 32, 32, 32), False),

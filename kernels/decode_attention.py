@@ -29,6 +29,10 @@ from kernels.dequant import _meta, dequant_channels, dequant_tokens, field, rope
 from kernels.layout import HiRows, History, PreRope, Spec
 
 LOG2E = 1.4426950408889634
+# Kernels with keys by fields (keys_by_fields) are capped at 168 registers, which spills a few bytes but fits
+# three programs per multiprocessor instead of two, and split for one wave of those: on an H100 at B=8,
+# S=32K, 4-bit keys after RoPE (K4V2's bits) took 0.247 ms uncapped, 0.218 capped and 0.223 capped in two waves.
+FIELD_KEYS_REGISTERS, FIELD_KEYS_PER_SM = 168, 3
 
 
 @triton.jit
@@ -37,6 +41,16 @@ def _qk(q_lo, q_hi, k_lo, k_hi, PREC: tl.constexpr):
     dt = q_lo.dtype
     s = tl.dot(q_lo, tl.trans(k_lo.to(dt)), input_precision=PREC)
     return s + tl.dot(q_hi, tl.trans(k_hi.to(dt)), input_precision=PREC)
+
+
+@triton.jit
+def _qk_t(q_lo, q_hi, k_lo, k_hi, PREC: tl.constexpr):
+    """Scores transposed, (N, GP): the keys are the first operand, so keys that come out of a product
+    (pre-RoPE keys through the key matrix) reach the tensor cores in registers, where as the second
+    operand they went through shared memory."""
+    dt = q_lo.dtype
+    s = tl.dot(k_lo.to(dt), tl.trans(q_lo), input_precision=PREC)
+    return s + tl.dot(k_hi.to(dt), tl.trans(q_hi), input_precision=PREC)
 
 
 @triton.jit
@@ -56,6 +70,16 @@ def _softmax_step(s, ok, m_i, l_i):
     m_new, m_ref, alpha = _rescale(m_i, tl.max(s, 1))
     p = tl.exp2(s - m_ref[:, None])
     return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def _softmax_step_t(st, ok, m_i, l_i):
+    """_softmax_step over transposed scores st (N, M) with visibility ok (N,); the probabilities come back
+    as (M, N). Only the small probability tile is transposed."""
+    st = tl.where(ok[:, None], st, float("-inf"))
+    m_new, m_ref, alpha = _rescale(m_i, tl.max(st, 0))
+    pt = tl.exp2(st - m_ref[None, :])
+    return tl.trans(pt), alpha, m_new, l_i * alpha + tl.sum(pt, 0)
 
 
 @triton.jit
@@ -97,16 +121,13 @@ def _full_tile(k_ptr, v_ptr, rows, ok, D: tl.constexpr):
 
 
 @triton.jit
-def _load_q(q_ptr, qrow, head_ok, qk_scale, D: tl.constexpr, HALF: tl.constexpr):
-    """Query halves (M, D/2), pre-scaled into the log2 domain, in q's dtype, or float16 with HALF."""
-    rows = q_ptr + qrow[:, None] * D + tl.arange(0, D // 2)[None, :]
-    q_lo = tl.load(rows, mask=head_ok[:, None], other=0.0).to(tl.float32) * qk_scale
-    q_hi = tl.load(rows + D // 2, mask=head_ok[:, None], other=0.0).to(tl.float32) * qk_scale
-    if HALF:
-        q_lo, q_hi = q_lo.to(tl.float16), q_hi.to(tl.float16)
-    else:
-        q_lo, q_hi = q_lo.to(q_ptr.dtype.element_ty), q_hi.to(q_ptr.dtype.element_ty)
-    return q_lo, q_hi
+def _load_q(q_ptr, qrow, head_ok, qk_scale, CH0: tl.constexpr, NCH: tl.constexpr, D: tl.constexpr,
+            HALF: tl.constexpr):
+    """Channels CH0.. (M, NCH) of the queries, pre-scaled into the log2 domain, in q's dtype, or float16
+    with HALF."""
+    rows = q_ptr + qrow[:, None] * D + CH0 + tl.arange(0, NCH)[None, :]
+    q = tl.load(rows, mask=head_ok[:, None], other=0.0).to(tl.float32) * qk_scale
+    return q.to(tl.float16) if HALF else q.to(q_ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -154,6 +175,46 @@ def _history_keys(hk_ptr, ks_ptr, kz_ptr, kmat_ptr, cos_ptr, sin_ptr, tok, ok, m
     if ROPE:
         k_lo, k_hi = rope_halves(k_lo, k_hi, cos_ptr, sin_ptr, base, ci, si, D)
     return k_lo, k_hi
+
+
+@triton.jit
+def _fields_qk_t(q, byt, s_ptr, z_ptr, meta, blk_ok, BITS: tl.constexpr, K0: tl.constexpr, STEP: tl.constexpr,
+                 N: tl.constexpr, NBLK: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, HALF: tl.constexpr):
+    """Transposed scores (N_tok, M) of the queries q against the keys in the N fields K0, K0 + STEP, ... of
+    the bytes byt (N_tok, NB), dequantized per channel by the scale rows of the tile's NBLK blocks (at meta
+    (NBLK, NB) plus the field). q's columns are the channels of those fields, interleaved; its even and odd
+    columns are the two halves of the run, as in _fields_pv. Scales are loaded per field: splitting loaded
+    rows like q made the kernel spill under its register cap."""
+    if N == 1:
+        NB: tl.constexpr = q.shape[1]
+        s = _meta(s_ptr, meta + K0, blk_ok, HALF)
+        z = _meta(z_ptr, meta + K0, blk_ok, HALF)
+        s = tl.reshape(tl.broadcast_to(s[:, None, :], (NBLK, BLOCK_N // NBLK, NB)), (BLOCK_N, NB))
+        z = tl.reshape(tl.broadcast_to(z[:, None, :], (NBLK, BLOCK_N // NBLK, NB)), (BLOCK_N, NB))
+        k = field(byt, BITS, K0, HALF) * s + z
+        out = tl.dot(k, tl.trans(q.to(k.dtype)), input_precision=PREC)
+    else:
+        q_even, q_odd = tl.split(tl.reshape(q, (q.shape[0], q.shape[1] // 2, 2)))
+        out = _fields_qk_t(q_even, byt, s_ptr, z_ptr, meta, blk_ok, BITS, K0, 2 * STEP, N // 2, NBLK, BLOCK_N, PREC,
+                           HALF)
+        out += _fields_qk_t(q_odd, byt, s_ptr, z_ptr, meta, blk_ok, BITS, K0 + STEP, 2 * STEP, N // 2, NBLK, BLOCK_N,
+                            PREC, HALF)
+    return out
+
+
+@triton.jit
+def _history_qk_t(q, hk_ptr, ks_ptr, kz_ptr, tok, ok, meta_row, K_BITS: tl.constexpr, NBLK: tl.constexpr,
+                  BLOCK_N: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr, HALF: tl.constexpr):
+    """Transposed scores (N, M) of q (M, D) against a tile of per-channel keys, one product per field of the
+    packed bytes (field k holds channels k, k + 8/K_BITS, ...). Each field is dequantized elementwise, so it
+    reaches the tensor cores in registers as the first operand, where the whole dequantized tile, the
+    second operand, went through shared memory (keys_by_fields says where this pays)."""
+    KB: tl.constexpr = D * K_BITS // 8
+    PER: tl.constexpr = 8 // K_BITS
+    byt = tl.load(hk_ptr + tok[:, None] * KB + tl.arange(0, KB)[None, :], mask=ok[:, None], other=0)
+    blk_ok = tl.max(tl.reshape(ok.to(tl.int32), (NBLK, BLOCK_N // NBLK)), 1) > 0
+    meta = meta_row + tl.arange(0, NBLK)[:, None] * D + tl.arange(0, KB)[None, :] * PER
+    return _fields_qk_t(q, byt, ks_ptr, kz_ptr, meta, blk_ok[:, None], K_BITS, 0, 1, PER, NBLK, BLOCK_N, PREC, HALF)
 
 
 @triton.jit
@@ -241,7 +302,7 @@ def _attention_kernel(
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_PER_CHANNEL: tl.constexpr, G: tl.constexpr,
     K_GROUP: tl.constexpr, K_NG: tl.constexpr, V_GROUP: tl.constexpr, V_NG: tl.constexpr,
     ROPE: tl.constexpr, KMAT: tl.constexpr, SPLIT_V: tl.constexpr, DIRECT: tl.constexpr, CHUNK: tl.constexpr,
-    RING_SPLIT: tl.constexpr,
+    RING_SPLIT: tl.constexpr, K_FIELDS: tl.constexpr,
     HI_BITS: tl.constexpr, HI_ROWS: tl.constexpr, HP: tl.constexpr, HI_P: tl.constexpr, PREC: tl.constexpr,
     HALF: tl.constexpr,
 ):
@@ -258,7 +319,8 @@ def _attention_kernel(
     row_ok = (head < GROUP) & (tq < T)
     qrow = (bh * GROUP + head) * T + tq  # flat (sequence, query head, token)
     dt = q_ptr.dtype.element_ty
-    q_lo, q_hi = _load_q(q_ptr, qrow, row_ok, qk_scale, D, False)
+    q_lo = _load_q(q_ptr, qrow, row_ok, qk_scale, 0, D // 2, D, False)
+    q_hi = _load_q(q_ptr, qrow, row_ok, qk_scale, D // 2, D // 2, D, False)
     length = tl.load(len_ptr + b)
     n_hist = tl.load(nh_ptr + b)
 
@@ -277,7 +339,9 @@ def _attention_kernel(
             acc = acc * alpha[:, None] + tl.dot(p.to(dt), v.to(dt), input_precision=PREC)
 
     # History: this split's share of the tiles the sequence holds.
-    qh_lo, qh_hi = _load_q(qh_ptr, qrow, row_ok, qk_scale, D, HALF)
+    qh_lo = _load_q(qh_ptr, qrow, row_ok, qk_scale, 0, D // 2, D, HALF)
+    qh_hi = _load_q(qh_ptr, qrow, row_ok, qk_scale, D // 2, D // 2, D, HALF)
+    qh = _load_q(qh_ptr, qrow, row_ok, qk_scale, 0, D, D, HALF)  # whole rows, for K_FIELDS
     n_tiles = tl.cdiv(n_hist, BLOCK_N)
     per_split = tl.cdiv(n_tiles, HIST_SPLITS)  # with RING_SPLIT the last split starts past the end
     t_end = tl.minimum(split * per_split + per_split, n_tiles)
@@ -300,20 +364,26 @@ def _attention_kernel(
         ok = rows < n_hist
         tok = bh * C_h + rows
         meta_row = (bh * (C_h // G) + t * BLOCK_N // G) * D
-        k_lo, k_hi = _history_keys(hk_ptr, ks_ptr, kz_ptr, kmat_ptr, cos_ptr, sin_ptr, tok, ok, meta_row,
-                                   pos0 + t * BLOCK_N, ci, si, bh % Hkv, K_BITS, K_PER_CHANNEL, K_GROUP, K_NG, ROPE,
-                                   KMAT, BLOCK_N, D, NBLK, PREC, HALF)
-        if HI_ROWS > 0:  # MiKV: rows with high-precision twins are attended through those instead
-            hrow, hk_lo, hk_hi, hv = _hi_tile(hik_ptr, hiv_ptr, hks_ptr, hkz_ptr, hvs_ptr, hvz_ptr, hidx_ptr,
-                                              kmat_ptr, cos_ptr, sin_ptr, bh, C_hi, t, n_hist, pos0, ci, si,
-                                              bh % Hkv, HI_BITS, HI_ROWS, HP, G, K_GROUP, K_NG, V_GROUP, V_NG,
-                                              ROPE, KMAT, BLOCK_N, D, PREC, HALF)
-            ok = ok & ~_replaced(hidx_ptr, bh, C_hi, t, rows, n_hist, HI_ROWS, HI_P, G, NBLK, BLOCK_N)
-            p, ph, alpha, m_i, l_i = _softmax_step_hi(_qk(qh_lo, qh_hi, k_lo, k_hi, PREC), ok[None, :],
-                                                      _qk(qh_lo, qh_hi, hk_lo, hk_hi, PREC), (hrow >= 0)[None, :],
-                                                      m_i, l_i)
+        if K_FIELDS:
+            p, alpha, m_i, l_i = _softmax_step_t(_history_qk_t(qh, hk_ptr, ks_ptr, kz_ptr, tok, ok, meta_row, K_BITS,
+                                                               NBLK, BLOCK_N, D, PREC, HALF), ok, m_i, l_i)
         else:
-            p, alpha, m_i, l_i = _softmax_step(_qk(qh_lo, qh_hi, k_lo, k_hi, PREC), ok[None, :], m_i, l_i)
+            k_lo, k_hi = _history_keys(hk_ptr, ks_ptr, kz_ptr, kmat_ptr, cos_ptr, sin_ptr, tok, ok, meta_row,
+                                       pos0 + t * BLOCK_N, ci, si, bh % Hkv, K_BITS, K_PER_CHANNEL, K_GROUP, K_NG,
+                                       ROPE, KMAT, BLOCK_N, D, NBLK, PREC, HALF)
+            if HI_ROWS > 0:  # MiKV: rows with high-precision twins are attended through those instead
+                hrow, hk_lo, hk_hi, hv = _hi_tile(hik_ptr, hiv_ptr, hks_ptr, hkz_ptr, hvs_ptr, hvz_ptr, hidx_ptr,
+                                                  kmat_ptr, cos_ptr, sin_ptr, bh, C_hi, t, n_hist, pos0, ci, si,
+                                                  bh % Hkv, HI_BITS, HI_ROWS, HP, G, K_GROUP, K_NG, V_GROUP, V_NG,
+                                                  ROPE, KMAT, BLOCK_N, D, PREC, HALF)
+                ok = ok & ~_replaced(hidx_ptr, bh, C_hi, t, rows, n_hist, HI_ROWS, HI_P, G, NBLK, BLOCK_N)
+                p, ph, alpha, m_i, l_i = _softmax_step_hi(_qk(qh_lo, qh_hi, k_lo, k_hi, PREC), ok[None, :],
+                                                          _qk(qh_lo, qh_hi, hk_lo, hk_hi, PREC), (hrow >= 0)[None, :],
+                                                          m_i, l_i)
+            elif KMAT > 0 and not CHUNK:  # keys out of a product: scores transposed (_qk_t); prefill not timed
+                p, alpha, m_i, l_i = _softmax_step_t(_qk_t(qh_lo, qh_hi, k_lo, k_hi, PREC), ok, m_i, l_i)
+            else:
+                p, alpha, m_i, l_i = _softmax_step(_qk(qh_lo, qh_hi, k_lo, k_hi, PREC), ok[None, :], m_i, l_i)
         if V_FIELDS:
             pv = _history_pv(p, hv_ptr, vs_ptr, vz_ptr, tok, ok, V_BITS, V_GROUP, V_NG, BLOCK_N, D, PREC, HALF)
         else:  # the whole tile dequantized first
@@ -391,21 +461,30 @@ def _multiprocessors() -> int:
     return torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 8
 
 
-def num_splits(batch: int, n_kv_heads: int, n_tokens: int, block_n: int, min_tiles: int = 1) -> int:
-    """Splits enough for about four programs per multiprocessor but not more (a few programs
+def num_splits(batch: int, n_kv_heads: int, n_tokens: int, block_n: int, min_tiles: int = 1, per_sm: int = 4) -> int:
+    """Splits enough for about `per_sm` programs per multiprocessor but not more (a few programs
     spilling into a second wave cost 20 % on an H100), none with fewer than `min_tiles` tiles.
     At batch 1 the shortest programs win: K4V2 over 1K tokens took 43 us with 4 tiles per split,
     26 us with one (fp16 SDPA: 12 us)."""
-    by_occupancy = 4 * _multiprocessors() // (batch * n_kv_heads)
+    by_occupancy = per_sm * _multiprocessors() // (batch * n_kv_heads)
     by_work = triton.cdiv(triton.cdiv(n_tokens, block_n), min_tiles)
     return max(1, min(by_occupancy, by_work, 256))
+
+
+def keys_by_fields(spec: Spec, rope: PreRope | None) -> bool:
+    """Whether decode attends the history's keys one field at a time (_history_qk_t): 4-bit per-channel keys
+    after RoPE. On an H100 at B=8, S=32K that took K4V2's bits after RoPE from 0.311 to 0.218 ms and K4V4's
+    from 0.319 to 0.256, and left 4-bit keys in 32-token blocks (kivi4) at 0.24 ms; 2-bit keys went from
+    0.202 to 0.249 ms (kivi2) and 8-bit ones from 0.286 to 0.361 (int8), so those keep whole tiles."""
+    return rope is None and spec.k_per_channel and spec.k_bits == 4 and spec.hi_rows == 0
 
 
 def attention(q: Tensor, k_new: Tensor | None, v_new: Tensor | None, sink_k: Tensor, sink_v: Tensor,
               lengths: Tensor, hist: History, spec: Spec, n_hist: Tensor, win_k: Tensor, win_v: Tensor, *,
               q_hist: Tensor | None, rope: PreRope | None, key_matrix: Tensor | None, value_matrix: Tensor | None,
               scale: float | None, mass: Tensor | None, hi: HiRows | None, splits: int, block_m: int, block_n: int,
-              block_w: int, num_warps: int, num_stages: int | None = None, ring_split: bool = False) -> Tensor:
+              block_w: int, num_warps: int, num_stages: int | None = None, ring_split: bool = False,
+              maxnreg: int | None = None) -> Tensor:
     """Launch for q (B, Hq, T, D): decode (T = 1, no k_new) or a prefill chunk (k_new, v_new (B, Hkv, T, D)),
     the history in `splits` splits, and with `ring_split` one more for the sinks and the ring."""
     splits += ring_split
@@ -446,12 +525,13 @@ def attention(q: Tensor, k_new: Tensor | None, v_new: Tensor | None, sink_k: Ten
         K_GROUP=spec.k_group, K_NG=max(1, D // 2 // spec.k_group), V_GROUP=spec.v_group, V_NG=D // spec.v_group,
         ROPE=rope is not None, KMAT=0 if key_matrix is None else 1 if key_matrix.dim() == 3 else 2,
         SPLIT_V=split_v, DIRECT=direct, CHUNK=chunk,
-        RING_SPLIT=ring_split,
+        RING_SPLIT=ring_split, K_FIELDS=not chunk and keys_by_fields(spec, rope),
         HI_BITS=spec.hi_bits, HI_ROWS=spec.hi_rows,
         HP=max(16, triton.next_power_of_2(max(1, block_n // spec.block) * spec.hi_rows)),
         HI_P=triton.next_power_of_2(max(1, spec.hi_rows)),
         PREC=prec, HALF=q.dtype != torch.float32, num_warps=num_warps,
         **({} if num_stages is None else dict(num_stages=num_stages)),
+        **({} if maxnreg is None else dict(maxnreg=maxnreg)),
     )
     if direct:
         lse = m[..., 0] + torch.log2(l[..., 0]) if mass is not None else None
@@ -479,7 +559,8 @@ def decode_attention(q: Tensor, sink_k: Tensor, sink_v: Tensor, lengths: Tensor,
                      block_w: int = 64, num_warps: int | None = None, num_stages: int | None = None,
                      ring_split: bool | None = None) -> Tensor:
     """Same arguments and result as kernels.reference.decode_attention, plus launch settings:
-    `splits` (default: from the history's capacity, so one launch fits every fill level),
+    `splits` (default: from the history's capacity, so one launch fits every fill level; with keys by fields
+    for one wave of programs capped at FIELD_KEYS_REGISTERS),
     `block_n` and `num_stages` (default 128 tokens, pipelined by Triton's default; with pre-RoPE keys,
     whose key-matrix product needs the registers, 64-token tiles unless the keys are narrower than 4 bits
     and every split loops over four 128-token tiles or more, which then run unpipelined: on an H100 at
@@ -498,8 +579,9 @@ def decode_attention(q: Tensor, sink_k: Tensor, sink_v: Tensor, lengths: Tensor,
     block_n = block_n or (64 if pre_rope and not long_splits else 128)
     if long_splits and block_n == 128:
         num_stages = num_stages or 1
+    key_fields = keys_by_fields(spec, rope)
     if splits is None:
-        splits = num_splits(B, Hkv, C_h, block_n)
+        splits = num_splits(B, Hkv, C_h, block_n, per_sm=FIELD_KEYS_PER_SM if key_fields else 4)
     few_programs = B * Hkv * splits < _multiprocessors()
     num_warps = num_warps or (8 if few_programs and not pre_rope else 4)
     if ring_split is None:
@@ -508,7 +590,7 @@ def decode_attention(q: Tensor, sink_k: Tensor, sink_v: Tensor, lengths: Tensor,
                      q_hist=None if q_hist is None else q_hist[:, :, None], rope=rope, key_matrix=key_matrix,
                      value_matrix=value_matrix, scale=scale, mass=mass, hi=hi, splits=splits, block_m=1,
                      block_n=block_n, block_w=block_w, num_warps=num_warps, num_stages=num_stages,
-                     ring_split=ring_split)[:, :, 0]
+                     ring_split=ring_split, maxnreg=FIELD_KEYS_REGISTERS if key_fields else None)[:, :, 0]
 
 
 @triton.jit
