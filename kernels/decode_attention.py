@@ -29,10 +29,12 @@ from kernels.dequant import _meta, dequant_channels, dequant_tokens, field, rope
 from kernels.layout import HiRows, History, PreRope, Spec
 
 LOG2E = 1.4426950408889634
-# Kernels with keys by fields (keys_by_fields) are capped at 168 registers, which spills a few bytes but fits
-# three programs per multiprocessor instead of two, and split for one wave of those: on an H100 at B=8,
-# S=32K, 4-bit keys after RoPE (K4V2's bits) took 0.247 ms uncapped, 0.218 capped and 0.223 capped in two waves.
-FIELD_KEYS_REGISTERS, FIELD_KEYS_PER_SM = 168, 3
+# Decode kernels of 16-bit models with keys by fields (keys_by_fields) or 4-bit pre-RoPE keys are capped at
+# 168 registers, which spills a few bytes but fits three programs per multiprocessor instead of two, and
+# are split for one wave of those. On an H100 at B=8, S=32K: 4-bit keys after RoPE (K4V2's bits) 0.247 ms
+# uncapped, 0.218 capped, 0.223 capped in two waves; k4v2 0.502 -> 0.465 ms (at B=1 over 4K tokens
+# 0.032 -> 0.029, over 1K 0.0220 -> 0.0226); rotatekv's 2-bit pre-RoPE keys would spill 828 bytes.
+CAPPED_REGISTERS, CAPPED_PER_SM = 168, 3
 
 
 @triton.jit
@@ -560,7 +562,7 @@ def decode_attention(q: Tensor, sink_k: Tensor, sink_v: Tensor, lengths: Tensor,
                      ring_split: bool | None = None) -> Tensor:
     """Same arguments and result as kernels.reference.decode_attention, plus launch settings:
     `splits` (default: from the history's capacity, so one launch fits every fill level; with keys by fields
-    for one wave of programs capped at FIELD_KEYS_REGISTERS),
+    for one wave of programs capped at CAPPED_REGISTERS where those fit),
     `block_n` and `num_stages` (default 128 tokens, pipelined by Triton's default; with pre-RoPE keys,
     whose key-matrix product needs the registers, 64-token tiles unless the keys are narrower than 4 bits
     and every split loops over four 128-token tiles or more, which then run unpipelined: on an H100 at
@@ -579,9 +581,11 @@ def decode_attention(q: Tensor, sink_k: Tensor, sink_v: Tensor, lengths: Tensor,
     block_n = block_n or (64 if pre_rope and not long_splits else 128)
     if long_splits and block_n == 128:
         num_stages = num_stages or 1
-    key_fields = keys_by_fields(spec, rope)
+    # the register cap where it was measured: 16-bit models (fp32 ones hold twice the registers per tile)
+    capped = q.dtype != torch.float32 and (keys_by_fields(spec, rope) or (pre_rope and spec.k_bits == 4
+                                                                            and spec.hi_rows == 0))
     if splits is None:
-        splits = num_splits(B, Hkv, C_h, block_n, per_sm=FIELD_KEYS_PER_SM if key_fields else 4)
+        splits = num_splits(B, Hkv, C_h, block_n, per_sm=CAPPED_PER_SM if capped else 4)
     few_programs = B * Hkv * splits < _multiprocessors()
     num_warps = num_warps or (8 if few_programs and not pre_rope else 4)
     if ring_split is None:
@@ -590,7 +594,7 @@ def decode_attention(q: Tensor, sink_k: Tensor, sink_v: Tensor, lengths: Tensor,
                      q_hist=None if q_hist is None else q_hist[:, :, None], rope=rope, key_matrix=key_matrix,
                      value_matrix=value_matrix, scale=scale, mass=mass, hi=hi, splits=splits, block_m=1,
                      block_n=block_n, block_w=block_w, num_warps=num_warps, num_stages=num_stages,
-                     ring_split=ring_split, maxnreg=FIELD_KEYS_REGISTERS if key_fields else None)[:, :, 0]
+                     ring_split=ring_split, maxnreg=CAPPED_REGISTERS if capped else None)[:, :, 0]
 
 
 @triton.jit
