@@ -200,7 +200,7 @@ def test_decode_with_high_precision_rows(case, splits, block_n, block):
     torch.testing.assert_close(want[0], low_bit[0])  # and nowhere else: the first holds none
 
 
-@pytest.mark.parametrize("case", [CASES[i] for i in (1, 2, 4, 6, 9)], ids=_case_id)
+@pytest.mark.parametrize("case", [CASES[i] for i in (1, 2, 3, 4, 6, 9)], ids=_case_id)
 def test_decode_in_16_bits(case):
     """A 16-bit model's step: codes become float16 by the mantissa trick and the history is
     dequantized, rotated and multiplied in float16. Within float16 rounding of the float32 twin.
