@@ -6,9 +6,10 @@ KV group at once, so every packed byte is read from memory once and unpacked onc
 dequantized in registers (in float16 for 16-bit models, see kernels.dequant), the history's values
 one field of the packed bytes at a time so that they reach the tensor cores without a trip through
 shared memory (_history_pv), and so are 4-bit keys after RoPE in decode (_history_qk_t); pre-RoPE keys
-get RoPE there too, after the key-matrix product, and are the first operand of the score product (_qk_t). MiKV's high-precision rows are
-attended tile by tile in place of the low-bit rows they replace, and the attention mass of the ring
-(and of a chunk's own tokens) is recomputed afterwards from the log-sum-exp. The last split covers
+get RoPE there too, after the key-matrix product, and are the first operand of the score product
+(_qk_t). MiKV's high-precision rows are attended tile by tile in place of the low-bit rows they
+replace, and the attention mass of the ring (and of a chunk's own tokens) is recomputed afterwards
+from the log-sum-exp. The last split covers
 the window ring (and a prefill chunk's own tokens) and split 0 the sinks; with RING_SPLIT the last
 split holds no history and covers the sinks too, so that no program does a history split's work plus
 the ring's. Partial (max, sum, acc) per split are merged by a second small kernel, or written
@@ -26,16 +27,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.dequant import _meta, dequant_channels, dequant_tokens, field, rope_halves, rope_rows
+from kernels.dequant import _meta, dequant_channels, dequant_tokens, field, rope_halves, rope_rows, scale_channels
 from kernels.layout import HiRows, History, PreRope, Spec
 
 LOG2E = 1.4426950408889634
-# Decode kernels of 16-bit models with keys by fields (keys_by_fields) or 4-bit pre-RoPE keys are capped at
-# 168 registers, which spills a few bytes but fits three programs per multiprocessor instead of two, and
-# are split for one wave of those. On an H100 at B=8, S=32K: 4-bit keys after RoPE (K4V2's bits) 0.247 ms
-# uncapped, 0.218 capped, 0.223 capped in two waves; k4v2 0.502 -> 0.465 ms (at B=1 over 4K tokens
-# 0.032 -> 0.029, over 1K 0.0220 -> 0.0226); rotatekv's 2-bit pre-RoPE keys would spill 828 bytes.
-CAPPED_REGISTERS, CAPPED_PER_SM = 168, 3
+CAPPED_REGISTERS, CAPPED_PER_SM = 168, 3  # see register_capped
 
 
 @triton.jit
@@ -181,33 +177,26 @@ def _history_keys(hk_ptr, ks_ptr, kz_ptr, kmat_ptr, cos_ptr, sin_ptr, tok, ok, m
 
 
 @triton.jit
-def _fields_qk_t(q, byt, s_ptr, z_ptr, meta, blk_ok, BITS: tl.constexpr, K0: tl.constexpr, STEP: tl.constexpr,
-                 N: tl.constexpr, NBLK: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, HALF: tl.constexpr):
+def _fields_qk_t(q, byt, ok, s_ptr, z_ptr, meta, BITS: tl.constexpr, K0: tl.constexpr, STEP: tl.constexpr,
+                 N: tl.constexpr, NBLK: tl.constexpr, PREC: tl.constexpr, HALF: tl.constexpr):
     """Transposed scores (N_tok, M) of the queries q against the keys in the N fields K0, K0 + STEP, ... of
     the bytes byt (N_tok, NB), dequantized per channel by the scale rows of the tile's NBLK blocks (at meta
     (NBLK, NB) plus the field). q's columns are the channels of those fields, interleaved; its even and odd
     columns are the two halves of the run, as in _fields_pv. Scales are loaded per field: splitting loaded
     rows like q made the kernel spill under its register cap."""
     if N == 1:
-        NB: tl.constexpr = q.shape[1]
-        s = _meta(s_ptr, meta + K0, blk_ok, HALF)
-        z = _meta(z_ptr, meta + K0, blk_ok, HALF)
-        s = tl.reshape(tl.broadcast_to(s[:, None, :], (NBLK, BLOCK_N // NBLK, NB)), (BLOCK_N, NB))
-        z = tl.reshape(tl.broadcast_to(z[:, None, :], (NBLK, BLOCK_N // NBLK, NB)), (BLOCK_N, NB))
-        k = field(byt, BITS, K0, HALF) * s + z
+        k = scale_channels(field(byt, BITS, K0, HALF), ok, meta + K0, s_ptr, z_ptr, NBLK, HALF)
         out = tl.dot(k, tl.trans(q.to(k.dtype)), input_precision=PREC)
     else:
         q_even, q_odd = tl.split(tl.reshape(q, (q.shape[0], q.shape[1] // 2, 2)))
-        out = _fields_qk_t(q_even, byt, s_ptr, z_ptr, meta, blk_ok, BITS, K0, 2 * STEP, N // 2, NBLK, BLOCK_N, PREC,
-                           HALF)
-        out += _fields_qk_t(q_odd, byt, s_ptr, z_ptr, meta, blk_ok, BITS, K0 + STEP, 2 * STEP, N // 2, NBLK, BLOCK_N,
-                            PREC, HALF)
+        out = _fields_qk_t(q_even, byt, ok, s_ptr, z_ptr, meta, BITS, K0, 2 * STEP, N // 2, NBLK, PREC, HALF)
+        out += _fields_qk_t(q_odd, byt, ok, s_ptr, z_ptr, meta, BITS, K0 + STEP, 2 * STEP, N // 2, NBLK, PREC, HALF)
     return out
 
 
 @triton.jit
 def _history_qk_t(q, hk_ptr, ks_ptr, kz_ptr, tok, ok, meta_row, K_BITS: tl.constexpr, NBLK: tl.constexpr,
-                  BLOCK_N: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr, HALF: tl.constexpr):
+                  D: tl.constexpr, PREC: tl.constexpr, HALF: tl.constexpr):
     """Transposed scores (N, M) of q (M, D) against a tile of per-channel keys, one product per field of the
     packed bytes (field k holds channels k, k + 8/K_BITS, ...). Each field is dequantized elementwise, so it
     reaches the tensor cores in registers as the first operand, where the whole dequantized tile, the
@@ -215,9 +204,8 @@ def _history_qk_t(q, hk_ptr, ks_ptr, kz_ptr, tok, ok, meta_row, K_BITS: tl.const
     KB: tl.constexpr = D * K_BITS // 8
     PER: tl.constexpr = 8 // K_BITS
     byt = tl.load(hk_ptr + tok[:, None] * KB + tl.arange(0, KB)[None, :], mask=ok[:, None], other=0)
-    blk_ok = tl.max(tl.reshape(ok.to(tl.int32), (NBLK, BLOCK_N // NBLK)), 1) > 0
     meta = meta_row + tl.arange(0, NBLK)[:, None] * D + tl.arange(0, KB)[None, :] * PER
-    return _fields_qk_t(q, byt, ks_ptr, kz_ptr, meta, blk_ok[:, None], K_BITS, 0, 1, PER, NBLK, BLOCK_N, PREC, HALF)
+    return _fields_qk_t(q, byt, ok, ks_ptr, kz_ptr, meta, K_BITS, 0, 1, PER, NBLK, PREC, HALF)
 
 
 @triton.jit
@@ -369,7 +357,7 @@ def _attention_kernel(
         meta_row = (bh * (C_h // G) + t * BLOCK_N // G) * D
         if K_FIELDS:
             p, alpha, m_i, l_i = _softmax_step_t(_history_qk_t(qh, hk_ptr, ks_ptr, kz_ptr, tok, ok, meta_row, K_BITS,
-                                                               NBLK, BLOCK_N, D, PREC, HALF), ok, m_i, l_i)
+                                                               NBLK, D, PREC, HALF), ok, m_i, l_i)
         else:
             k_lo, k_hi = _history_keys(hk_ptr, ks_ptr, kz_ptr, kmat_ptr, cos_ptr, sin_ptr, tok, ok, meta_row,
                                        pos0 + t * BLOCK_N, ci, si, bh % Hkv, K_BITS, K_PER_CHANNEL, K_GROUP, K_NG,
@@ -482,6 +470,17 @@ def keys_by_fields(spec: Spec, rope: PreRope | None) -> bool:
     return rope is None and spec.k_per_channel and spec.k_bits == 4 and spec.hi_rows == 0
 
 
+def register_capped(spec: Spec, rope: PreRope | None, dtype: torch.dtype) -> bool:
+    """Whether a decode launch is capped at CAPPED_REGISTERS and split for one wave of CAPPED_PER_SM programs
+    per multiprocessor: keys by fields and 4-bit pre-RoPE keys, of 16-bit models (where it was measured;
+    fp32 tiles take twice the registers). The cap spills a few bytes but fits three programs per
+    multiprocessor instead of two. On an H100 at B=8, S=32K: 4-bit keys after RoPE (K4V2's bits) 0.247 ms
+    uncapped, 0.218 capped, 0.223 capped in two waves; k4v2 0.502 -> 0.465 ms (at B=1 over 4K tokens 0.032
+    -> 0.029, over 1K 0.0220 -> 0.0226); rotatekv's 2-bit pre-RoPE keys would spill 828 bytes."""
+    four_bit_pre_rope = rope is not None and spec.k_bits == 4 and spec.hi_rows == 0
+    return dtype != torch.float32 and (keys_by_fields(spec, rope) or four_bit_pre_rope)
+
+
 def attention(q: Tensor, k_new: Tensor | None, v_new: Tensor | None, sink_k: Tensor, sink_v: Tensor,
               lengths: Tensor, hist: History, spec: Spec, n_hist: Tensor, win_k: Tensor, win_v: Tensor, *,
               q_hist: Tensor | None, rope: PreRope | None, key_matrix: Tensor | None, value_matrix: Tensor | None,
@@ -562,8 +561,8 @@ def decode_attention(q: Tensor, sink_k: Tensor, sink_v: Tensor, lengths: Tensor,
                      block_w: int = 64, num_warps: int | None = None, num_stages: int | None = None,
                      ring_split: bool | None = None) -> Tensor:
     """Same arguments and result as kernels.reference.decode_attention, plus launch settings:
-    `splits` (default: from the history's capacity, so one launch fits every fill level; with keys by fields
-    for one wave of programs capped at CAPPED_REGISTERS where those fit),
+    `splits` (default: from the history's capacity, so one launch fits every fill level; for one wave of
+    programs where register_capped),
     `block_n` and `num_stages` (default 128 tokens, pipelined by Triton's default; with pre-RoPE keys,
     whose key-matrix product needs the registers, 64-token tiles unless the keys are narrower than 4 bits
     and every split loops over four 128-token tiles or more, which then run unpipelined: on an H100 at
@@ -582,9 +581,7 @@ def decode_attention(q: Tensor, sink_k: Tensor, sink_v: Tensor, lengths: Tensor,
     block_n = block_n or (64 if pre_rope and not long_splits else 128)
     if long_splits and block_n == 128:
         num_stages = num_stages or 1
-    # the register cap where it was measured: 16-bit models (fp32 ones hold twice the registers per tile)
-    capped = q.dtype != torch.float32 and (keys_by_fields(spec, rope) or (pre_rope and spec.k_bits == 4
-                                                                            and spec.hi_rows == 0))
+    capped = register_capped(spec, rope, q.dtype)
     if splits is None:
         splits = num_splits(B, Hkv, C_h, block_n, per_sm=CAPPED_PER_SM if capped else 4)
     few_programs = B * Hkv * splits < _multiprocessors()

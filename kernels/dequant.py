@@ -169,17 +169,26 @@ def dequant_tokens(rows, meta_rows, ok, scale_ptr, zero_ptr, BITS: tl.constexpr,
 
 
 @triton.jit
+def scale_channels(codes, ok, meta, scale_ptr, zero_ptr, NBLK: tl.constexpr, HALF: tl.constexpr):
+    """Codes (N, C) of tokens (visible where ok (N,)) quantized per channel, dequantized: the tile spans
+    NBLK blocks of N/NBLK tokens, whose scale and zero-point rows are at offsets meta (NBLK, C)."""
+    N: tl.constexpr = codes.shape[0]
+    C: tl.constexpr = codes.shape[1]
+    RB: tl.constexpr = N // NBLK
+    blk_ok = tl.max(tl.reshape(ok.to(tl.int32), (NBLK, RB)), 1) > 0
+    s = _meta(scale_ptr, meta, blk_ok[:, None], HALF)
+    z = _meta(zero_ptr, meta, blk_ok[:, None], HALF)
+    return tl.reshape(tl.reshape(codes, (NBLK, RB, C)) * s[:, None, :] + z[:, None, :], (N, C))
+
+
+@triton.jit
 def dequant_channels(rows, ok, meta_row, scale_ptr, zero_ptr, BITS: tl.constexpr, CH0: tl.constexpr,
                      NCH: tl.constexpr, NBLK: tl.constexpr, N: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr):
     """(N, NCH) of tokens quantized per channel: the tile spans NBLK blocks of N/NBLK tokens,
     each with one scale row of D channels, the first at offset meta_row."""
-    RB: tl.constexpr = N // NBLK
-    codes = tl.reshape(unpack(rows, ok, BITS, CH0, NCH, N, D, HALF), (NBLK, RB, NCH))
-    blk_ok = tl.max(tl.reshape(ok.to(tl.int32), (NBLK, RB)), 1) > 0
+    codes = unpack(rows, ok, BITS, CH0, NCH, N, D, HALF)
     meta = meta_row + tl.arange(0, NBLK)[:, None] * D + CH0 + tl.arange(0, NCH)[None, :]
-    s = _meta(scale_ptr, meta, blk_ok[:, None], HALF)
-    z = _meta(zero_ptr, meta, blk_ok[:, None], HALF)
-    return tl.reshape(codes * s[:, None, :] + z[:, None, :], (N, NCH))
+    return scale_channels(codes, ok, meta, scale_ptr, zero_ptr, NBLK, HALF)
 
 
 @triton.jit
