@@ -78,7 +78,7 @@ def convert(gguf_path: Path, out: Path, dtype: torch.dtype = torch.float32, prog
     names = sorted(g.tensors)
     tensors = {name: g.tensor(name).to(dtype).contiguous()
                for name in tqdm(names, desc="dequantizing", unit="tensor", disable=not progress)}
-    _write(out / "model.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    _write(out / "model.safetensors", lambda p, t=tensors: save_file(t, str(p), metadata={"format": "pt"}))
     del tensors
     _write(out / "tokenizer.json", lambda p: g.tokenizer().save(str(p)))
     hf_cfg = {**cfg.to_hf(), "torch_dtype": str(dtype).removeprefix("torch.")}
