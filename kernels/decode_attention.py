@@ -330,9 +330,11 @@ def _attention_kernel(
             acc = acc * alpha[:, None] + tl.dot(p.to(dt), v.to(dt), input_precision=PREC)
 
     # History: this split's share of the tiles the sequence holds.
-    qh_lo = _load_q(qh_ptr, qrow, row_ok, qk_scale, 0, D // 2, D, HALF)
-    qh_hi = _load_q(qh_ptr, qrow, row_ok, qk_scale, D // 2, D // 2, D, HALF)
-    qh = _load_q(qh_ptr, qrow, row_ok, qk_scale, 0, D, D, HALF)  # whole rows, for K_FIELDS
+    if K_FIELDS:  # whole rows, split by field in _history_qk_t
+        qh = _load_q(qh_ptr, qrow, row_ok, qk_scale, 0, D, D, HALF)
+    else:  # halves, for RoPE
+        qh_lo = _load_q(qh_ptr, qrow, row_ok, qk_scale, 0, D // 2, D, HALF)
+        qh_hi = _load_q(qh_ptr, qrow, row_ok, qk_scale, D // 2, D // 2, D, HALF)
     n_tiles = tl.cdiv(n_hist, BLOCK_N)
     per_split = tl.cdiv(n_tiles, HIST_SPLITS)  # with RING_SPLIT the last split starts past the end
     t_end = tl.minimum(split * per_split + per_split, n_tiles)
@@ -342,14 +344,15 @@ def _attention_kernel(
     # on an H100, k4v2: 4.0 ms whole-tile, 5.1 ms by fields).
     V_FIELDS: tl.constexpr = V_BITS != 3 and V_GROUP * V_BITS >= 8 and not CHUNK
     pos0 = 0
-    ci = tl.zeros((BLOCK_N, D // 2), qh_lo.dtype)
-    si = tl.zeros((BLOCK_N, D // 2), qh_lo.dtype)
+    hdt = tl.float16 if HALF else dt  # the history's arithmetic (_load_q)
+    ci = tl.zeros((BLOCK_N, D // 2), hdt)
+    si = tl.zeros((BLOCK_N, D // 2), hdt)
     if ROPE:  # tables of the in-tile offsets; each tile adds its base angle
         pos0 = tl.load(pos0_ptr + b)
         offs = tl.arange(0, BLOCK_N)[:, None] * D + tl.arange(0, D // 2)[None, :]
         in_table = tl.arange(0, BLOCK_N)[:, None] < n_pos
-        ci = tl.load(cos_ptr + offs, mask=in_table, other=0.0).to(qh_lo.dtype)
-        si = tl.load(sin_ptr + offs, mask=in_table, other=0.0).to(qh_lo.dtype)
+        ci = tl.load(cos_ptr + offs, mask=in_table, other=0.0).to(hdt)
+        si = tl.load(sin_ptr + offs, mask=in_table, other=0.0).to(hdt)
     for t in range(split * per_split, t_end):
         rows = t * BLOCK_N + tl.arange(0, BLOCK_N)
         ok = rows < n_hist
