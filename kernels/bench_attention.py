@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -262,7 +264,8 @@ def main() -> None:
     opts = ap.parse_args()
     opts.out.mkdir(parents=True, exist_ok=True)
     props = torch.cuda.get_device_properties(0)
-    result = dict(gpu=props.name, torch=torch.__version__, triton=triton.__version__,
+    result = dict(command="python3 -m kernels.bench_attention " + shlex.join(sys.argv[1:]),
+                  gpu=props.name, torch=torch.__version__, triton=triton.__version__,
                   copy_bw=copy_bandwidth(torch.device(DEV), 1 << 31),
                   rows=[])
     print(f"{props.name}: copy bandwidth {result['copy_bw'] / 1e12:.2f} TB/s", flush=True)
@@ -284,7 +287,8 @@ def main() -> None:
 
 def markdown(result: dict) -> str:
     bw = result["copy_bw"]
-    lines = [f"GPU: {result['gpu']} (torch {result['torch']}, triton {result['triton']}); "
+    lines = [f"`{result['command']}`", "",
+             f"GPU: {result['gpu']} (torch {result['torch']}, triton {result['triton']}); "
              f"copy bandwidth (read + write) {bw / 1e12:.2f} TB/s",
              "",
              "| preset | B | S | rel. error | kernel ms | graph ms | eff. BW | % of copy | SDPA (GQA) ms | "

@@ -347,7 +347,7 @@ def run(opt: BenchOptions) -> dict:
 
 TABLE_HEADER = ("| date | machine | model | dtype | kv | B | prompt | new | ctx fill | graph | prefill tok/s "
                 "| decode tok/s | ms/step | floor ms/step | % of floor | transformers decode tok/s "
-                "| transformers static tok/s | peak mem |\n" + "|---" * 18 + "|")
+                "| transformers static tok/s | peak mem | command |\n" + "|---" * 19 + "|")
 
 
 def device_name(record: dict) -> str:
@@ -368,8 +368,13 @@ def markdown_row(record: dict) -> str:
              fmt(ours["prefill_tps"]), fmt(ours["decode_tps"]), fmt(ours["decode_ms_per_step"], ".2f"),
              fmt(record["floor_ms_per_step"], ".2f"), fmt(100 * ours["fraction_of_floor"], ".0f"),
              fmt(hf.get("decode_tps")), fmt(hf_static.get("decode_tps")),
-             f"{ours['peak_memory_bytes'] / 2**30:.2f} GiB"]
+             f"{ours['peak_memory_bytes'] / 2**30:.2f} GiB", command_cell(record)]
     return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def command_cell(record: dict) -> str:
+    """The command that made a record (set by `minikv bench`), as a table cell."""
+    return f"`{record['command']}`" if "command" in record else "–"
 
 
 def summary(record: dict) -> str:

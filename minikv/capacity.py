@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 from torch import Tensor
 
-from minikv.bench import (GREEDY, BenchOptions, device_name, fill_store, fmt, peak_memory, record_header,
+from minikv.bench import (GREEDY, BenchOptions, command_cell, device_name, fill_store, fmt, peak_memory, record_header,
                           reset_peak_memory, sync)
 from minikv.cuda_graph import enable_cuda_graph
 from minikv.errors import MinikvError
@@ -216,7 +216,7 @@ def run(opt: BenchOptions) -> dict:
 
 CAPACITY_HEADER = ("| date | machine | model | dtype | kv | capacity tokens (B=1) | store GiB | store bytes/token "
                    "| peak mem | graph | ms/step | decode tok/s | spot-check max abs err (of max abs out) "
-                   "| fill s |\n" + "|---" * 14 + "|")
+                   "| fill s | command |\n" + "|---" * 15 + "|")
 
 
 def capacity_line(r: dict) -> str:
@@ -236,14 +236,14 @@ def capacity_rows(record: dict) -> list[str]:
     for kv, r in record["capacity"].items():
         head = [record["date"], device_name(record), record["model"], record["dtype"], kv]
         if "error" in r:
-            cells = head + ["failed: " + r["error"].replace("|", "/").splitlines()[0]] + ["—"] * 8
+            cells = head + ["failed: " + r["error"].replace("|", "/").splitlines()[0]] + ["—"] * 8 + [command_cell(record)]
         else:
             c = r["spot_check"]
             cells = head + [f"{r['capacity_tokens']:,}", fmt(r["store_bytes"] / 2**30, ".2f"),
                             fmt(r["store_bytes_per_token"], ".0f"), f"{r['peak_memory_bytes'] / 2**30:.2f} GiB",
                             "yes" if r["graph"] else "no", fmt(r["decode_ms_per_step"], ".2f"),
                             fmt(r["decode_tps"]), f"{c['max_abs_error']:.1e} ({c['max_abs_reference']:.1e})",
-                            fmt(r["fill_s"])]
+                            fmt(r["fill_s"]), command_cell(record)]
         rows.append("| " + " | ".join(str(c) for c in cells) + " |")
     return rows
 

@@ -117,7 +117,8 @@ def test_bench_command_writes_json_and_row(tmp_path):
     assert cli_main(argv) == 0
     record = json.loads((out / "t.json").read_text())
     assert record["model"] == "model" and record["ours"]["decode_tps"] > 0
-    assert len((out / "runs.md").read_text().splitlines()) == 4  # header, rule, two rows
+    rows = (out / "runs.md").read_text().splitlines()
+    assert len(rows) == 4 and "`minikv bench -m " in rows[-1]  # header, rule, two rows, each with its command
 
 
 @pytest.mark.parametrize("settings", ["fp16", SMALL_2BIT])

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tarfile
@@ -70,7 +71,8 @@ def checkout(version: str, tmp: Path) -> Path:
 
 def markdown(result: dict, versions: list[str]) -> str:
     keys = list(dict.fromkeys(k for v in versions for k in result[v]))
-    lines = [f"GPU: {result['_gpu']}. CUDA-graph ms (rel. error against the fp32 reference at batch 8).", "",
+    lines = [f"`{result['_command']}`", "",
+             f"GPU: {result['_gpu']}. CUDA-graph ms (rel. error against the fp32 reference at batch 8).", "",
              "| preset, B x S | " + " | ".join(versions) + " |", "|---" * (len(versions) + 1) + "|"]
     for key in keys:
         cells = []
@@ -90,7 +92,8 @@ def main() -> None:
     opts = ap.parse_args()
     opts.out.mkdir(parents=True, exist_ok=True)
     import torch
-    result = {"_gpu": torch.cuda.get_device_name(0)}
+    result = {"_gpu": torch.cuda.get_device_name(0),
+              "_command": "python3 docs/bench/compare_kernels.py " + shlex.join(sys.argv[1:])}
     with tempfile.TemporaryDirectory() as tmp:
         for version in opts.versions:
             result[version] = time_version(checkout(version, Path(tmp)), opts.presets)

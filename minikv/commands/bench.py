@@ -8,8 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import shlex
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -120,7 +118,7 @@ def main(args: argparse.Namespace) -> int:
         transformers=not args.no_transformers, transformers_static=args.transformers_static)
     mode = capacity_mode if capacity else bench
     record = mode.run(opt)
-    record["command"] = "minikv " + shlex.join(sys.argv[1:])
+    record["command"] = args.command_line
     print(mode.summary(record))
     if str(args.out) != "-":
         write(record, args.out, args.tag or default_tag(record))
