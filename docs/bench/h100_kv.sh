@@ -46,7 +46,7 @@ for path in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
 PY
 }
 {
-    echo "## Decode, each preset beside the fp16 store of the same run (docs/bench/h100_kv.sh)"; echo; pairs; echo
+    echo "## Decode, each preset beside the fp16 store of the same run (\`bash docs/bench/h100_kv.sh OUT\`)"; echo; pairs; echo
     echo "## Decode, all columns"; echo; cat "$out/runs.md"; echo
     echo "## Capacity, batch 1"; echo; cat "$out/capacity.md"
 } > "$out/kv.md" || echo "FAILED combining the tables"
