@@ -40,6 +40,7 @@ PRESETS = {  # name -> (Spec, pre-RoPE keys with a key matrix and rotated values
     "k4v4": (Spec(D, 4, 4, True, 64, 64, 64), False),  # values rotated too (not timed here)
     "skvq": (Spec(D, 3, 2, False, 32, 32, 32), False),
     "rotatekv": (Spec(D, 2, 2, True, 64, 64, 64), True),
+    "k2v1": (Spec(D, 2, 1, True, 64, 64, 128), True),
     "int8": (Spec(D, 8, 8, True, 32, 32, 32), False),
     "mikv": (Spec(D, 2, 2, True, 32, 32, 32, hi_bits=8, hi_rows=4), False),  # values rotated too (not timed here)
 }

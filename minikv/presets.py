@@ -52,6 +52,11 @@ class KVSettings:
             raise MinikvError(f"unknown KV preset {name!r} (choose from {', '.join(PRESETS)})")
         return cls(name=name, **PRESETS[name][1]).replace(**overrides)
 
+    def for_head_dim(self, head_dim: int) -> "KVSettings":
+        """These settings for a model's head dim: a channel group wider than a head is the whole head,
+        so that one preset serves heads of 64 and of 128 channels."""
+        return dataclasses.replace(self, group_k=min(self.group_k, head_dim), group_v=min(self.group_v, head_dim))
+
     def replace(self, **overrides) -> "KVSettings":
         try:
             settings = dataclasses.replace(self, **overrides)
@@ -102,7 +107,7 @@ class KVSettings:
         if head_dim % 8:
             raise MinikvError(f"head dim {head_dim} is not a multiple of 8, which bit packing needs")
         for what, g in (("key channel group", self.group_k), ("value channel group", self.group_v)):
-            if head_dim % g:
+            if g < head_dim and head_dim % g:  # a wider group is the whole head (for_head_dim)
                 raise MinikvError(f"the {what} ({g}) does not divide the head dim ({head_dim})")
         if (self.rotate_k or self.rotate_v) and head_dim & (head_dim - 1):
             raise MinikvError(f"Hadamard rotation needs a power-of-two head dim, not {head_dim}")
@@ -115,7 +120,9 @@ class KVSettings:
         extras = [f"{self.key_axis} keys", f"G{self.group}", f"W{self.window}", f"sinks {self.n_sink}"]
         extras += [t for t, on in (("rotate-k", self.rotate_k), ("rotate-v", self.rotate_v), ("reorder", self.reorder),
                                    ("pre-RoPE", self.prerope)) if on]
-        extras += [f"clip {c}" for c in {self.clip_k, self.clip_v} if c != 1.0]
+        if (self.clip_k, self.clip_v) != (1.0, 1.0):
+            same = self.clip_k == self.clip_v
+            extras.append(f"clip {self.clip_k}" if same else f"clip K {self.clip_k} V {self.clip_v}")
         if self.mikv:
             extras.append(f"MiKV {self.mikv[0]}-bit {self.mikv[1]:g}")
         if self.attention != "auto":
@@ -138,12 +145,18 @@ PRESETS: dict[str, tuple[str, dict]] = {
     "k4v4": ("4-bit keys and values, Hadamard-rotated, 64-wide groups; 4.5 bits/elem, the closest to full precision",
              dict(bits_k=4, bits_v=4, rotate_k=True, rotate_v=True, **G64)),
     "k4v2": ("KV-AdaQuant: 4-bit keys, 2-bit values, Hadamard-rotated, keys pre-RoPE, 64-wide groups; "
-             "3.5 bits/elem (default)", dict(bits_k=4, bits_v=2, rotate_k=True, rotate_v=True, prerope=True, **G64)),
+             "3.5 bits/elem (default)",
+             dict(bits_k=4, bits_v=2, rotate_k=True, rotate_v=True, prerope=True, **G64)),
     "skvq": ("SKVQ: 3-bit per-token keys after calibrated channel reorder, 2-bit values, calibrated clipping; "
              "3.5 bits/elem (needs calibration)",
              dict(bits_k=3, bits_v=2, key_axis="token", reorder=True, clip_k=None, clip_v=None)),
     "rotatekv": ("RotateKV: Hadamard-rotated pre-RoPE keys and rotated values, 2 bits, 64-wide groups; "
-                 "2.5 bits/elem", dict(bits_k=2, bits_v=2, rotate_k=True, rotate_v=True, prerope=True, **G64)),
+                 "2.5 bits/elem",
+                 dict(bits_k=2, bits_v=2, rotate_k=True, rotate_v=True, prerope=True, **G64)),
+    "k2v1": ("2-bit rotated pre-RoPE keys as rotatekv, 1-bit rotated values clipped to 0.45 of their range (SKVQ), "
+             "one value scale per head; 1.88 bits/elem at head dim 128 (2.0 at 64): the longest contexts",
+             dict(bits_k=2, bits_v=1, rotate_k=True, rotate_v=True, prerope=True, clip_v=0.45,
+                  **{**G64, "group_v": 128})),
     "mikv": ("MiKV: rotated 2-bit history, the 1/8 of tokens with most attention kept at 8 bits",
              dict(bits_k=2, bits_v=2, rotate_k=True, rotate_v=True, mikv=(8, 0.125))),
 }

@@ -133,7 +133,7 @@ class QuantizedStore(KVStore):
         mirror: keep the dequantized mirror for the reference path (default: on the CPU without kernels;
         a store with the mirror never uses the kernels)."""
         super().__init__(n_layers, batch, capacity, n_kv_heads, head_dim, window, dtype, device)
-        s = self.settings = settings
+        s = self.settings = settings.for_head_dim(head_dim)
         self.plans = plans
         self.n_sink, self.window, self.group = s.n_sink, s.window, s.group
         self.ring = s.window + s.group

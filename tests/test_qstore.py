@@ -232,6 +232,18 @@ def test_bits_per_element_counts_the_buffers():
     assert store.avg_bits_per_element(64) < 16
 
 
+@pytest.mark.parametrize("head_dim, bits", [(64, 2.0), (128, 1.875)])
+def test_a_channel_group_wider_than_the_head_is_the_whole_head(head_dim, bits):
+    """k2v1's 128-wide value groups: one scale per head at head dim 128 and at 64; keys per channel in
+    64-token blocks (2 + 32/64 bits), values 1 + 32/min(128, D) bits."""
+    cfg = rope_cfg(head_dim)
+    store = make_store(cfg, "k2v1", 1, 512, torch.float32, "cpu")
+    assert store.settings.group_v == head_dim and store.v_scale[0].shape[-1] == 1
+    assert store.bits_per_element() == pytest.approx(bits)
+    with pytest.raises(MinikvError, match="does not divide"):
+        make_store(cfg, KVSettings.from_preset("k2v1", group_v=48), 1, 512, torch.float32, "cpu")
+
+
 # ---- through the model ---------------------------------------------------------------------
 
 def run_model(model, store, tokens, chunk):

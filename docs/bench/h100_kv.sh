@@ -28,7 +28,7 @@ for kv in fp16 int8 kivi4 kivi2 k4v4 k4v2 skvq rotatekv mikv; do
         "${extra[@]}" $compile
 done
 # (c) capacity: the longest batch-1 context beside the weights, 8 decode steps there, attention spot-checked
-b 240 llama2-capacity --geometry llama2-7b --capacity rotatekv kivi2 fp16 -n 8
+b 240 llama2-capacity --geometry llama2-7b --capacity k2v1 rotatekv kivi2 fp16 -n 8
 b 150 mistral-v0.2-capacity --geometry mistral-7b-v0.2 --capacity k4v2 fp16 -n 8
 pairs() {  # each decode record's preset beside the fp16 store timed in the same run
     python3 - "$out" <<'PY'
