@@ -53,15 +53,19 @@ need every sequence at the same length.
 
 With the reference path on the CPU the store also keeps a mirror `view_k/view_v` (B, H, C, D),
 indexed like the history, of the history in attention space, dequantized once when it is written:
-without it the CPU path would dequantize the whole history at every step. Where the model dtype is
-wider than 16 bits (fp32 on the CPU) a quantized history's mirror is float16, half the size: its
-values are a few-bit codes times fp16 scales, and fp16 rounding (2^-11 relative) is far below their
-quantization error. A raw (bits 16) history's mirror stays in the model dtype, exact. Attention
-stays one masked SDPA call per layer, over keys and values built for the step in the model dtype,
-sinks (sink_k/v) ‖ mirror upcast ‖ ring in position order (win_k/v) ‖ new tokens, in `_step_k/v`
-(B, H, capacity, D), one pair shared by all layers; sinks and ring are read from the store's own
-buffers, exact. Mirror and step buffers are a compute aid, not counted in nbytes
+without it the CPU path would dequantize the whole history at every step. A quantized history's
+mirror is float16 (half the size of fp32, the CPU's dtype): its values are a few-bit codes times
+fp16 scales, and fp16 rounding (2^-11 relative) is far below their quantization error. A raw
+(bits 16) history's mirror stays in the model dtype, exact. Attention stays one masked SDPA call
+per layer, in fp32 whatever the model dtype, over keys and values built for the step: sinks
+(sink_k/v) ‖ mirror upcast ‖ ring in position order (win_k/v) ‖ new tokens, in `_step_k/v`
+(B, H, capacity, D), one fp32 pair shared by all layers; sinks and ring are read from the store's
+own buffers, exact. Mirror and step buffers are a compute aid, not counted in nbytes
 (`working_nbytes()` reports them: about half an fp32 full cache, plus 1/n_layers of one).
+
+The reference is the store's definition, attention over its dequantized contents, so with a 16-bit
+model it adds no rounding of its own: the history is dequantized and attended in fp32, and only the
+output is rounded to the model dtype (the kernels dequantize in float16 and accumulate in fp32).
 """
 from __future__ import annotations
 
@@ -159,7 +163,7 @@ class QuantizedStore(KVStore):
         # The step's keys and values for the reference SDPA, reused by every layer: a fresh tensor per
         # layer and step measured up to 2.6x slower attention (page faults as malloc returns it).
         step_shape = (batch, n_kv_heads, capacity, head_dim) if mirror else (batch, n_kv_heads, 0, head_dim)
-        self._step_k, self._step_v = self._zeros(step_shape, dtype), self._zeros(step_shape, dtype)
+        self._step_k, self._step_v = self._zeros(step_shape, torch.float32), self._zeros(step_shape, torch.float32)
         self._kernels = None  # kernels.store_attention, imported only when used (Triton)
         if use_kernels and not mirror:
             from kernels import store_attention
@@ -224,9 +228,9 @@ class QuantizedStore(KVStore):
         self.win_mass.append(self._zeros((B, H, self.ring), torch.float32) if self.n_hi else none)
 
     def _mirror_dtype(self, bits: int) -> torch.dtype:
-        """float16 for a quantized history when the model dtype is wider (half the copy, rounding far
-        below the quantization error); the model dtype for a raw one, which must stay exact."""
-        return torch.float16 if bits < 16 and torch.finfo(self.dtype).bits > 16 else self.dtype
+        """float16 for a quantized history (codes times float16 scales: its rounding is far below the
+        quantization error, and finer than bfloat16's); the model dtype for a raw one, which must stay exact."""
+        return torch.float16 if bits < 16 else self.dtype
 
     def _hi(self, bits: int) -> bool:
         """Whether a tensor of this width gets MiKV's high-precision rows."""
@@ -319,7 +323,7 @@ class QuantizedStore(KVStore):
             x = x @ self.hadamard
         if self.settings.prerope:
             x = apply_rope(x, self.rope_cos[pos], self.rope_sin[pos])
-        return x.to(self.dtype)
+        return x
 
     def _value_rotate(self, v: Tensor) -> Tensor:
         """v -> v @ Hd with rotate_v (its own inverse), else v; fp32."""
@@ -389,19 +393,19 @@ class QuantizedStore(KVStore):
         return (torch.arange(a, max(a, b), device=self.device) - self.n_sink) % self.ring
 
     def history(self, layer: int, a: int, b: int) -> tuple[Tensor, Tensor]:
-        """Attention-space keys and values of history slots [a, b), in the model dtype."""
+        """Attention-space keys and values of history slots [a, b), fp32."""
         pos = torch.arange(self.hist_pos0 + a, self.hist_pos0 + b, device=self.device)
-        k = self._key_from_stored(layer, self._read(layer, "k", a, b), pos)
-        return k, self._value_rotate(self._read(layer, "v", a, b)).to(self.dtype)
+        return self._key_from_stored(layer, self._read(layer, "k", a, b), pos), \
+            self._value_rotate(self._read(layer, "v", a, b))
 
     def dequantized_history(self, layer: int, raw: bool = False) -> tuple[Tensor, Tensor]:
         """The history held now, (B, H, n_hist, D) keys and values: in attention space (post-RoPE,
-        unrotated, unpermuted; what attention sees), or with raw=True in stored space (fp32)."""
+        unrotated, unpermuted; what attention sees), or with raw=True in stored space; fp32."""
         n = self.n_hist(self.length)
         if raw:
             return self._read(layer, "k", 0, n), self._read(layer, "v", 0, n)
         if self.view_k:
-            return self.view_k[layer][:, :, :n].to(self.dtype), self.view_v[layer][:, :, :n].to(self.dtype)
+            return self.view_k[layer][:, :, :n].float(), self.view_v[layer][:, :, :n].float()
         return self.history(layer, 0, n)
 
     def _flush(self, layer: int, k: Tensor, v: Tensor, a: int, b: int, mass: Tensor | None) -> None:
@@ -423,7 +427,7 @@ class QuantizedStore(KVStore):
 
     def _visible(self, layer: int, k: Tensor, v: Tensor, start: int) -> tuple[Tensor, Tensor]:
         """Keys and values at positions 0 .. start+T-1 as the new queries see them (attention space,
-        the model dtype): sinks ‖ history (the mirror, else dequantized now) ‖ ring ‖ new."""
+        fp32): sinks ‖ history (the mirror, else dequantized now) ‖ ring ‖ new."""
         h = self.n_hist(start)
         w0 = self.hist_pos0 + h
         slots = self.ring_slots(w0, start)
@@ -433,7 +437,7 @@ class QuantizedStore(KVStore):
         keys = [self.sink_k[layer][:, :, :n_sink], hk, self.win_k[layer][:, :, slots], k]
         values = [self.sink_v[layer][:, :, :n_sink], hv, self.win_v[layer][:, :, slots], v]
         if not self.view_k:
-            return torch.cat(keys, 2), torch.cat(values, 2)
+            return torch.cat([t.float() for t in keys], 2), torch.cat([t.float() for t in values], 2)
         end = start + k.shape[2]
         return cat_into(self._step_k[:, :, :end], keys), cat_into(self._step_v[:, :, :end], values)
 
@@ -480,7 +484,7 @@ class QuantizedStore(KVStore):
                 self.win_mass[layer].index_add_(2, slots, mass[:, :, w0:start])
             mass = mass[:, :, start:]
         else:
-            out = reference_attention(q, keys, values, mask)
+            out = reference_attention(q.float(), keys, values, mask).to(q.dtype)
         self._append(layer, k, v, start, mass)
         return out
 

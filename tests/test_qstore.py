@@ -186,6 +186,30 @@ def test_mikv_keeps_the_most_attended_token_precise():
     assert (hv[0, 0, 2] - v[0, 0, 2]).abs().max() < 0.02  # 8-bit error, far below 2-bit's
 
 
+@pytest.mark.parametrize("mirror", [True, False])
+def test_16_bit_reference_attends_in_fp32(mirror):
+    """With a bfloat16 model the reference path is fp32 attention over the dequantized history (not
+    rounded to bfloat16) and the sinks and ring as held, rounded to bfloat16 once, at the end."""
+    s = KVSettings.from_preset("rotatekv", group=8, group_k=16, group_v=16, window=8, n_sink=2)
+    store = QuantizedStore(1, 1, 64, 2, 16, None, torch.bfloat16, "cpu", settings=s, plans=[LayerPlan(2, 2)],
+                           rope=rope_tables(rope_cfg(16), 64), mirror=mirror)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, 41, 16, generator=g).bfloat16() for h in (4, 2, 2))
+    store.attend(0, q[:, :, :40], k[:, :, :40], v[:, :, :40], store.positions(40))
+    store.advance(40)
+    n = store.n_hist(40)
+    hk, hv = store.dequantized_history(0)
+    assert hk.dtype == torch.float32 and n == 24
+    if not mirror:  # the mirror rounds to float16 (2^-11), not to bfloat16 (2^-8)
+        assert (hk.bfloat16().float() != hk).any()
+    slots = store.ring_slots(2 + n, 40)
+    keys = torch.cat([k[:, :, :2].float(), hk, store.win_k[0][:, :, slots].float(), k[:, :, 40:].float()], 2)
+    values = torch.cat([v[:, :, :2].float(), hv, store.win_v[0][:, :, slots].float(), v[:, :, 40:].float()], 2)
+    want = reference_attention(q[:, :, 40:].float(), keys, values, None).bfloat16()
+    got = store.attend(0, q[:, :, 40:], k[:, :, 40:], v[:, :, 40:], store.positions(1))
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("name", ["kivi2", "mikv", "rotatekv"])
 def test_saved_state_restores_the_same_attention(name):
     s = KVSettings.from_preset(name, group=8, group_k=8, group_v=8, window=8, n_sink=2)
