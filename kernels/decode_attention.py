@@ -210,16 +210,20 @@ def _history_qk_t(q, hk_ptr, ks_ptr, kz_ptr, tok, ok, meta_row, K_BITS: tl.const
 
 @triton.jit
 def _fields_pv(p, byt, s, z, BITS: tl.constexpr, K0: tl.constexpr, STEP: tl.constexpr, N: tl.constexpr,
-               PREC: tl.constexpr, HALF: tl.constexpr):
+               PAIRS: tl.constexpr, PREC: tl.constexpr, HALF: tl.constexpr):
     """p @ (the values of field k of the bytes byt (N_tok, D*BITS/8), dequantized by per-byte s and z) for
     the N fields k = K0, K0 + STEP, ..., stacked along a new last axis in that order. A join adds its
-    axis last, so the two halves are the even and the odd fields of the run."""
+    axis last, so the two halves are the even and the odd fields of the run. With PAIRS each product
+    takes fields k and k + 4 side by side, columns (byte, k or k + 4), and s and z twice as wide."""
     if N == 1:
-        v = field(byt, BITS, K0, HALF) * s + z
+        codes = field(byt, BITS, K0, HALF)
+        if PAIRS:
+            codes = tl.reshape(tl.join(codes, field(byt, BITS, K0 + 4, HALF)), (byt.shape[0], 2 * byt.shape[1]))
+        v = codes * s + z
         out = tl.dot(p.to(v.dtype), v, input_precision=PREC)
     else:
-        out = tl.join(_fields_pv(p, byt, s, z, BITS, K0, 2 * STEP, N // 2, PREC, HALF),
-                      _fields_pv(p, byt, s, z, BITS, K0 + STEP, 2 * STEP, N // 2, PREC, HALF))
+        out = tl.join(_fields_pv(p, byt, s, z, BITS, K0, 2 * STEP, N // 2, PAIRS, PREC, HALF),
+                      _fields_pv(p, byt, s, z, BITS, K0 + STEP, 2 * STEP, N // 2, PAIRS, PREC, HALF))
     return out
 
 
@@ -231,7 +235,9 @@ def _history_pv(p, hv_ptr, vs_ptr, vz_ptr, tok, ok, V_BITS: tl.constexpr, V_GROU
     holds channels k, k + 8/V_BITS, ... Each field is dequantized elementwise from the bytes, so it
     reaches the tensor cores in registers; dequantizing the whole (N, D) tile first made it go through
     shared memory, which bounded the kernel (docs/SPEED.md). The products' columns are interleaved back
-    into channel order. Needs groups of whole bytes and V_BITS in {1, 2, 4, 8}."""
+    into channel order. Needs groups of whole bytes and V_BITS in {1, 2, 4, 8}. 1-bit codes go in pairs
+    of fields, four (N × 2D/8) products instead of eight (N × D/8): the eight spilled registers, and
+    k2v1 at B=8, S=32K on an H100 took 0.633 ms against 0.461 in pairs (docs/SPEED.md)."""
     NB: tl.constexpr = D * V_BITS // 8
     byt = tl.load(hv_ptr + tok[:, None] * NB + tl.arange(0, NB)[None, :], mask=ok[:, None], other=0)
     meta = tok[:, None] * V_NG + tl.arange(0, V_NG)[None, :]
@@ -239,7 +245,12 @@ def _history_pv(p, hv_ptr, vs_ptr, vz_ptr, tok, ok, V_BITS: tl.constexpr, V_GROU
     z = _meta(vz_ptr, meta, ok[:, None], HALF)
     s = tl.reshape(tl.broadcast_to(s[:, :, None], (BLOCK_N, V_NG, NB // V_NG)), (BLOCK_N, NB))
     z = tl.reshape(tl.broadcast_to(z[:, :, None], (BLOCK_N, V_NG, NB // V_NG)), (BLOCK_N, NB))
-    return tl.reshape(_fields_pv(p, byt, s, z, V_BITS, 0, 1, 8 // V_BITS, PREC, HALF), (p.shape[0], D))
+    PAIRS: tl.constexpr = V_BITS == 1
+    if PAIRS:  # the products stack as (byte, k or k + 4, k): channel 8 * byte + k, and + 4 for the second
+        s = tl.reshape(tl.join(s, s), (BLOCK_N, 2 * NB))
+        z = tl.reshape(tl.join(z, z), (BLOCK_N, 2 * NB))
+    N_PRODUCTS: tl.constexpr = 4 if PAIRS else 8 // V_BITS
+    return tl.reshape(_fields_pv(p, byt, s, z, V_BITS, 0, 1, N_PRODUCTS, PAIRS, PREC, HALF), (p.shape[0], D))
 
 
 @triton.jit
