@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -100,7 +100,8 @@ def perplexity(model: Transformer, tokens: list[int], n_ctx: int, stores: dict[s
     Stores must hold n_ctx tokens. With a `baseline` store, each row also gets KL divergence and
     top-1 agreement against it; a row whose store *is* the baseline reuses its log-probs, so the
     baseline runs once per chunk however many rows there are. `progress(n)` is called after
-    each chunk (e.g. a tqdm bar's `update`)."""
+    each chunk (e.g. a tqdm bar's `update`). Ctrl-C stops it with the chunks every store finished
+    (each summary's `chunks`), so a long run keeps what it measured; before the first, it raises."""
     if batch_tokens < 1:
         raise MinikvError(f"--batch-tokens must be at least 1, not {batch_tokens}")
     for name, store in [*stores.items(), *([("baseline", baseline)] if baseline is not None else [])]:
@@ -109,15 +110,21 @@ def perplexity(model: Transformer, tokens: list[int], n_ctx: int, stores: dict[s
     chunks = split_chunks(tokens, n_ctx, n_chunks, bos_id)
     first = n_ctx // 2
     scores = {name: Score() for name in stores}
-    for ids in chunks:
-        targets = ids[first + 1:]
-        base = None if baseline is None else chunk_logprobs(model, baseline, ids, batch_tokens, first)
-        for name, store in stores.items():
-            logp = base if store is baseline else chunk_logprobs(model, store, ids, batch_tokens, first)
-            scores[name].add(logp, targets.to(logp.device), base)
-        if progress is not None:
-            progress(1)
-    return {name: s.summary() for name, s in scores.items()}
+    done, kept = 0, {}  # the scores after the last chunk that every store finished
+    try:
+        for ids in chunks:
+            targets = ids[first + 1:]
+            base = None if baseline is None else chunk_logprobs(model, baseline, ids, batch_tokens, first)
+            for name, store in stores.items():
+                logp = base if store is baseline else chunk_logprobs(model, store, ids, batch_tokens, first)
+                scores[name].add(logp, targets.to(logp.device), base)
+            done, kept = done + 1, {name: replace(s) for name, s in scores.items()}
+            if progress is not None:
+                progress(1)
+    except KeyboardInterrupt:
+        if not done:
+            raise
+    return {name: {**s.summary(), "chunks": done} for name, s in kept.items()}
 
 
 def store_bits(store: KVStore, n_tokens: int) -> dict[str, float]:

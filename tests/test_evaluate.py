@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from minikv.errors import MinikvError
+from minikv import evaluate
 from minikv.evaluate import GramStats, perplexity, record_kv, split_chunks
 from minikv.store import FullPrecisionStore
 from tests.hf_reference import hf_model, minikv_twin
@@ -51,6 +52,41 @@ def test_perplexity_matches_direct_nll(tiny):
     var = sum(x * x for x in nlls) / len(nlls) - mean * mean
     assert got["ppl_err"] == pytest.approx(got["ppl"] * math.sqrt(var / (len(nlls) - 1)), rel=1e-4)
     assert got["kl"] is None and got["top1"] is None
+
+
+def test_ctrl_c_keeps_the_chunks_every_store_finished(tiny, monkeypatch):
+    """Ctrl-C after a chunk keeps every chunk so far; in the middle of one (a store done, the other not),
+    the chunks before it, for both stores alike; before the first chunk ends, it stops the run."""
+    ids = tokens(100)  # 3 chunks of 32
+    want = perplexity(tiny, ids, 32, {"a": fp_store(tiny, 32)}, batch_tokens=8, n_chunks=2)["a"]
+
+    def stop_at(n):
+        calls = []
+
+        def interrupt(_):
+            calls.append(1)
+            if len(calls) == n:
+                raise KeyboardInterrupt
+        return interrupt
+
+    got = perplexity(tiny, ids, 32, {"a": fp_store(tiny, 32)}, batch_tokens=8, progress=stop_at(2))["a"]
+    assert got == want and got["chunks"] == 2 and got["tokens"] == 2 * 15
+    scored = evaluate.chunk_logprobs
+
+    def interrupt_scoring(n):  # Ctrl-C as the n-th store-chunk starts
+        stop = stop_at(n)
+
+        def logprobs(*args):
+            stop(None)
+            return scored(*args)
+        monkeypatch.setattr(evaluate, "chunk_logprobs", logprobs)
+
+    interrupt_scoring(4)  # chunk 2 of store b: store a has scored it, b has not
+    rows = perplexity(tiny, ids, 32, {"a": fp_store(tiny, 32), "b": fp_store(tiny, 32)}, batch_tokens=8)
+    assert [(r["chunks"], r["tokens"]) for r in rows.values()] == [(1, 15), (1, 15)]
+    interrupt_scoring(1)
+    with pytest.raises(KeyboardInterrupt):
+        perplexity(tiny, ids, 32, {"a": fp_store(tiny, 32)}, batch_tokens=8)
 
 
 def test_chunks_limit_and_bos():

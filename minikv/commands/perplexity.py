@@ -110,6 +110,9 @@ def main(args: argparse.Namespace) -> int:
         results = perplexity(model, ids, args.ctx, stores, stores[base] if args.kl_baseline else None,
                              args.batch_tokens, n_chunks, bos, bar.update)
 
+    done = next(iter(results.values()))["chunks"]
+    if done < n_chunks:
+        print(f"interrupted: the results cover the first {done} of {n_chunks} chunks", file=sys.stderr)
     ref = None if base is None else results[base]["ppl"]
     rows = [{"kv": spec, "settings": settings[spec].describe(), **result, **store_bits(stores[spec], args.ctx),
              "n_ctx": args.ctx, "batch_tokens": args.batch_tokens,
@@ -119,7 +122,7 @@ def main(args: argparse.Namespace) -> int:
         for row in rows:
             print(json.dumps(row))
     else:
-        print(f"{args.file}: {len(ids)} tokens, {n_chunks} chunks of {args.ctx}, "
+        print(f"{args.file}: {len(ids)} tokens, {done} chunks of {args.ctx}, "
               f"{rows[0]['tokens']} scored, batch {args.batch_tokens}, {device.type} {str(dtype).split('.')[-1]}")
         print(format_table(rows))
-    return 0
+    return 130 if done < n_chunks else 0  # interrupted: the results printed, the exit status says so
