@@ -246,7 +246,7 @@ def _history_pv(p, hv_ptr, vs_ptr, vz_ptr, tok, ok, V_BITS: tl.constexpr, V_GROU
     s = tl.reshape(tl.broadcast_to(s[:, :, None], (BLOCK_N, V_NG, NB // V_NG)), (BLOCK_N, NB))
     z = tl.reshape(tl.broadcast_to(z[:, :, None], (BLOCK_N, V_NG, NB // V_NG)), (BLOCK_N, NB))
     PAIRS: tl.constexpr = V_BITS == 1
-    if PAIRS:  # the products stack as (byte, k or k + 4, k): channel 8 * byte + k, and + 4 for the second
+    if PAIRS:  # the products stack as (byte, which of k and k + 4, k): channel 8 * byte + 4 * which + k
         s = tl.reshape(tl.join(s, s), (BLOCK_N, 2 * NB))
         z = tl.reshape(tl.join(z, z), (BLOCK_N, 2 * NB))
     N_PRODUCTS: tl.constexpr = 4 if PAIRS else 8 // V_BITS
