@@ -21,7 +21,7 @@ b ${slow:-150} mistral-v0.2-b8-s32k-k4v2 --geometry mistral-7b-v0.2 --batch 8 --
     --repeats 3 --kv k4v2 $compile
 # (b) batch 1, 1024-token prompt, every preset against the fp16 store
 # (skvq without its calibrated reorder and clipping: random weights have no calibration)
-for kv in fp16 int8 kivi4 kivi2 k4v4 k4v2 skvq rotatekv mikv; do
+for kv in fp16 int8 kivi4 kivi2 k4v4 k4v2 skvq rotatekv k2v1 mikv; do
     extra=()
     [ "$kv" = skvq ] && extra=(--no-kv-reorder --kv-clip 1)
     b ${slow:-60} "llama2-b1-p1024-$kv" --geometry llama2-7b --prompt-len 1024 -n 64 --repeats 3 --kv "$kv" \
