@@ -33,6 +33,8 @@ SMALL = dict(group=8, group_k=8, group_v=8, window=8, n_sink=2)
 PRESETS = {  # post-RoPE keys per channel; rotated pre-RoPE keys per channel; rotated, with MiKV's 8-bit rows
     name: KVSettings.from_preset(name, **({} if REAL else SMALL)) for name in ("kivi2", "k4v2", "mikv")
 }
+# 1-bit values, one scale per head (its 128-wide group is the whole head at any head dim here)
+PRESETS["k2v1"] = KVSettings.from_preset("k2v1", **({} if REAL else {**SMALL, "group_v": 128}))
 
 
 def short_of_a_move(s: KVSettings) -> int:
