@@ -343,9 +343,11 @@ def _attention_kernel(
     # History: this split's share of the tiles the sequence holds.
     if K_FIELDS:  # whole rows, split by field in _history_qk_t
         qh = _load_q(qh_ptr, qrow, row_ok, qk_scale, 0, D, D, HALF)
+        hdt = qh.dtype  # the history's arithmetic
     else:  # halves, for RoPE
         qh_lo = _load_q(qh_ptr, qrow, row_ok, qk_scale, 0, D // 2, D, HALF)
         qh_hi = _load_q(qh_ptr, qrow, row_ok, qk_scale, D // 2, D // 2, D, HALF)
+        hdt = qh_lo.dtype
     n_tiles = tl.cdiv(n_hist, BLOCK_N)
     per_split = tl.cdiv(n_tiles, HIST_SPLITS)  # with RING_SPLIT the last split starts past the end
     t_end = tl.minimum(split * per_split + per_split, n_tiles)
@@ -355,7 +357,6 @@ def _attention_kernel(
     # on an H100, k4v2: 4.0 ms whole-tile, 5.1 ms by fields).
     V_FIELDS: tl.constexpr = V_BITS != 3 and V_GROUP * V_BITS >= 8 and not CHUNK
     pos0 = 0
-    hdt = tl.float16 if HALF else dt  # the history's arithmetic (_load_q)
     ci = tl.zeros((BLOCK_N, D // 2), hdt)
     si = tl.zeros((BLOCK_N, D // 2), hdt)
     if ROPE:  # tables of the in-tile offsets; each tile adds its base angle

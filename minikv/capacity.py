@@ -236,7 +236,8 @@ def capacity_rows(record: dict) -> list[str]:
     for kv, r in record["capacity"].items():
         head = [record["date"], device_name(record), record["model"], record["dtype"], kv]
         if "error" in r:
-            cells = head + ["failed: " + r["error"].replace("|", "/").splitlines()[0]] + ["—"] * 8 + [command_cell(record)]
+            failed = "failed: " + r["error"].replace("|", "/").splitlines()[0]
+            cells = head + [failed] + ["—"] * 8 + [command_cell(record)]
         else:
             c = r["spot_check"]
             cells = head + [f"{r['capacity_tokens']:,}", fmt(r["store_bytes"] / 2**30, ".2f"),

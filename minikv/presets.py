@@ -155,8 +155,7 @@ PRESETS: dict[str, tuple[str, dict]] = {
                  dict(bits_k=2, bits_v=2, rotate_k=True, rotate_v=True, prerope=True, clip_v=0.75, **G64)),
     "k2v1": ("2-bit rotated pre-RoPE keys as rotatekv, 1-bit rotated values clipped to 0.45 of their range (SKVQ), "
              "one value scale per head; 1.88 bits/elem at head dim 128 (2.0 at 64): the longest contexts",
-             dict(bits_k=2, bits_v=1, rotate_k=True, rotate_v=True, prerope=True, clip_v=0.45,
-                  **{**G64, "group_v": 128})),
+             dict(G64, bits_k=2, bits_v=1, rotate_k=True, rotate_v=True, prerope=True, clip_v=0.45, group_v=128)),
     "mikv": ("MiKV: rotated 2-bit history, the 1/8 of tokens with most attention kept at 8 bits",
              dict(bits_k=2, bits_v=2, rotate_k=True, rotate_v=True, mikv=(8, 0.125))),
 }
