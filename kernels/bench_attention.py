@@ -33,8 +33,8 @@ from minikv.quant import hadamard, hadamard_block
 DEV = "cuda"
 HQ, HKV, D, N_SINK, W = 32, 8, 128, 4, 128
 PRESETS = {  # name -> (Spec, pre-RoPE keys with a key matrix and rotated values), as minikv.presets ships them
-    "k4v2": (Spec(D, 4, 2, True, 64, 64, 64), True),
-    "k4v2-postrope": (Spec(D, 4, 2, True, 64, 64, 64), False),  # the same bits with keys after RoPE
+    "k4v2": (Spec(D, 4, 2, True, 64, 64, 64), False),
+    "k4v2-prerope": (Spec(D, 4, 2, True, 64, 64, 64), True),  # the same bits with keys before RoPE
     "kivi2": (Spec(D, 2, 2, True, 32, 32, 32), False),
     "kivi4": (Spec(D, 4, 4, True, 32, 32, 32), False),
     "k4v4": (Spec(D, 4, 4, True, 64, 64, 64), False),  # values rotated too (not timed here)

@@ -354,7 +354,7 @@ def _attention_kernel(
     VB: tl.constexpr = D * V_BITS // 8
     # Values one field at a time (_history_pv) in decode; prefill chunks, whose M query rows make the
     # interleaving of the products cost more, kept the whole-tile form (512-token chunk over 32K tokens
-    # on an H100, k4v2: 4.0 ms whole-tile, 5.1 ms by fields).
+    # on an H100, K4V2 before RoPE: 4.0 ms whole-tile, 5.1 ms by fields).
     V_FIELDS: tl.constexpr = V_BITS != 3 and V_GROUP * V_BITS >= 8 and not CHUNK
     pos0 = 0
     ci = tl.zeros((BLOCK_N, D // 2), hdt)
@@ -490,7 +490,7 @@ def register_capped(spec: Spec, rope: PreRope | None, dtype: torch.dtype) -> boo
     per multiprocessor: keys by fields and 4-bit pre-RoPE keys, of 16-bit models (where it was measured;
     fp32 tiles take twice the registers). The cap spills a few bytes but fits three programs per
     multiprocessor instead of two. On an H100 at B=8, S=32K: 4-bit keys after RoPE (K4V2's bits) 0.247 ms
-    uncapped, 0.218 capped, 0.223 capped in two waves; k4v2 0.502 -> 0.465 ms (at B=1 over 4K tokens 0.032
+    uncapped, 0.218 capped, 0.223 capped in two waves; K4V2 before RoPE 0.502 -> 0.465 ms (at B=1 over 4K tokens 0.032
     -> 0.029, over 1K 0.0220 -> 0.0226); rotatekv's 2-bit pre-RoPE keys would spill 828 bytes."""
     four_bit_pre_rope = rope is not None and spec.k_bits == 4 and spec.hi_rows == 0
     return dtype != torch.float32 and (keys_by_fields(spec, rope) or four_bit_pre_rope)
@@ -581,10 +581,10 @@ def decode_attention(q: Tensor, sink_k: Tensor, sink_v: Tensor, lengths: Tensor,
     `block_n` and `num_stages` (default 128 tokens, pipelined by Triton's default; with pre-RoPE keys,
     whose key-matrix product needs the registers, 64-token tiles unless the keys are narrower than 4 bits
     and every split loops over four 128-token tiles or more, which then run unpipelined: on an H100 at
-    B=8, S=32K rotatekv took 0.474 ms that way against 0.533 with 64-token tiles, and K4V2 0.574 against
-    0.523, while over 1K tokens at B=1 64-token tiles were best, 25 against 33 us) and `num_warps`
+    B=8, S=32K rotatekv took 0.474 ms that way against 0.533 with 64-token tiles, and K4V2 before RoPE
+    0.574 against 0.523, while over 1K tokens at B=1 64-token tiles were best, 25 against 33 us) and `num_warps`
     (default 4, or 8 without a key matrix when the programs do not fill the multiprocessors: Llama-2-7B
-    at B=1 over 1K tokens decoded 2-4 % faster with int8, kivi2 and k4v4, and 6 % slower with k4v2; at
+    at B=1 over 1K tokens decoded 2-4 % faster with int8, kivi2 and k4v4, and 6 % slower with K4V2 before RoPE; at
     B=8, S=32K 8 warps were slower),
     `ring_split` (default: when the history is split into splits of at most two tiles) a split of
     their own for the sinks and the ring, so that the program of the last history split does not also

@@ -144,9 +144,9 @@ PRESETS: dict[str, tuple[str, dict]] = {
               dict(bits_k=2, bits_v=2)),
     "k4v4": ("4-bit keys and values, Hadamard-rotated, 64-wide groups; 4.5 bits/elem, the closest to full precision",
              dict(bits_k=4, bits_v=4, rotate_k=True, rotate_v=True, **G64)),
-    "k4v2": ("KV-AdaQuant: 4-bit keys, 2-bit values clipped to 0.85 of their range, Hadamard-rotated, keys pre-RoPE, "
-             "64-wide groups; 3.5 bits/elem (default)",
-             dict(bits_k=4, bits_v=2, rotate_k=True, rotate_v=True, prerope=True, clip_v=0.85, **G64)),
+    "k4v2": ("KV-AdaQuant: 4-bit keys, 2-bit values clipped to 0.85 of their range, Hadamard-rotated, 64-wide groups; "
+             "3.5 bits/elem (default)",
+             dict(bits_k=4, bits_v=2, rotate_k=True, rotate_v=True, clip_v=0.85, **G64)),
     "skvq": ("SKVQ: 3-bit per-token keys after calibrated channel reorder, 2-bit values, calibrated clipping; "
              "3.5 bits/elem (needs calibration)",
              dict(bits_k=3, bits_v=2, key_axis="token", reorder=True, clip_k=None, clip_v=None)),

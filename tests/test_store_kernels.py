@@ -30,10 +30,11 @@ needs_triton = pytest.mark.skipif(find_spec("triton") is None, reason="the kerne
 D, N_KV, GROUP, CAP = (128, 2, 4, 4096) if REAL else (32, 1, 2, 600)
 HISTORY = 2048 if REAL else 0  # history tokens held before the block moves a test crosses
 SMALL = dict(group=8, group_k=8, group_v=8, window=8, n_sink=2)
-PRESETS = {  # post-RoPE keys per channel; rotated pre-RoPE keys per channel; rotated, with MiKV's 8-bit rows
+PRESETS = {  # keys per channel after RoPE: plain, rotated 4-bit (by fields in decode), rotated with MiKV's 8-bit rows
     name: KVSettings.from_preset(name, **({} if REAL else SMALL)) for name in ("kivi2", "k4v2", "mikv")
 }
-# 1-bit values, one scale per head (its 128-wide group is the whole head at any head dim here)
+# rotated pre-RoPE keys, 1-bit values with one scale per head (its 128-wide group is the whole head at any head
+# dim here)
 PRESETS["k2v1"] = KVSettings.from_preset("k2v1", **({} if REAL else {**SMALL, "group_v": 128}))
 
 
@@ -123,7 +124,7 @@ def test_decode_step_reads_no_host_state():
     """A replayed CUDA graph reruns the first step's launches with new `positions` only: run the
     second step with the host lengths of the first (as the graph would see them), across a block
     move that changes the history length and the ring slot, and get the eager results."""
-    s = PRESETS["k4v2"]
+    s = PRESETS["k2v1"]  # keys before RoPE: the step's positions reach the kernel
     g = torch.Generator().manual_seed(2)
     replay, eager = make(s, True), make(s, True)
     prompt = qkv(g, short_of_a_move(s))
