@@ -184,13 +184,23 @@ class KVStore(ABC):
         counters = {n for n, v in mine["attrs"].items() if _is_counter(v)}
         for name, value in mine["attrs"].items():
             if name not in state["attrs"] or name not in counters and state["attrs"][name] != value:
-                raise MinikvError(f"its cache setting {name} is {state['attrs'].get(name)!r}, this one is {value!r}")
+                raise MinikvError(f"its cache setting {_difference(name, state['attrs'].get(name), value)}")
         buffers = self._buffers()
         for name, t in state["tensors"].items():
             buffers[name][tuple(slice(0, n) for n in t.shape)].copy_(t)
         for name in counters:
             setattr(self, name, state["attrs"][name])
         self.restored()
+
+
+def _difference(name: str, theirs: Any, mine: Any) -> str:
+    """'NAME is THEIRS, this one is MINE', narrowed to the first field that differs when both are
+    dicts (a store's KVSettings), so that the message names e.g. `settings.prerope`."""
+    if isinstance(theirs, dict) and isinstance(mine, dict):
+        for key in sorted(theirs.keys() | mine.keys()):
+            if theirs.get(key) != mine.get(key):
+                return _difference(f"{name}.{key}", theirs.get(key), mine.get(key))
+    return f"{name} is {theirs!r}, this one is {mine!r}"
 
 
 def _both_float(a: str, b: str) -> bool:

@@ -6,6 +6,7 @@ import torch
 
 from minikv.errors import MinikvError
 from minikv.generate import Engine
+from minikv.presets import KVSettings, make_store
 from minikv.sampling import SamplingParams
 from minikv.session import continuation_ids, load_session, save_session
 from minikv.store import FullPrecisionStore
@@ -75,6 +76,21 @@ def test_refuses_other_cache_settings(model, tmp_path):
     save_session(tmp_path / "s.mkv", live)
     with pytest.raises(MinikvError, match="other KV cache settings"):
         load_session(tmp_path / "s.mkv", engine_for(model, capacity=32))
+
+
+def test_names_the_kv_setting_that_differs(model, tmp_path):
+    """A session of k4v2 with its keys before RoPE (k4v2's layout until it kept them after RoPE), loaded
+    into today's k4v2: the error names the one field, not two whole settings dumps."""
+    c = model.config
+
+    def engine(settings):
+        return Engine(model, TOKENIZER, make_store(c, settings, 1, 64, torch.float32, "cpu"), prefill_chunk=8)
+
+    old = engine(KVSettings.from_preset("k4v2", prerope=True, window=8, group=8))
+    old.ingest(prompt())
+    save_session(tmp_path / "s.mkv", old)
+    with pytest.raises(MinikvError, match=r"settings\.prerope is True, this one is False$"):
+        load_session(tmp_path / "s.mkv", engine(KVSettings.from_preset("k4v2", window=8, group=8)))
 
 
 @pytest.mark.parametrize("content", [b"", b"not a session at all", None])
