@@ -320,9 +320,11 @@ def _attention_kernel(
     tq = qb * BM + r % BM  # query token within the chunk
     row_ok = (head < GROUP) & (tq < T)
     qrow = (bh * GROUP + head) * T + tq  # flat (sequence, query head, token)
-    dt = q_ptr.dtype.element_ty
-    q_lo = _load_q(q_ptr, qrow, row_ok, qk_scale, 0, D // 2, D, False)
-    q_hi = _load_q(q_ptr, qrow, row_ok, qk_scale, D // 2, D // 2, D, False)
+    # Full-precision rows (sinks, ring, a chunk's own tokens) meet the queries in float16 too for 16-bit
+    # models: in bfloat16 the scaled queries and the probabilities would keep 3 bits fewer.
+    q_lo = _load_q(q_ptr, qrow, row_ok, qk_scale, 0, D // 2, D, HALF)
+    q_hi = _load_q(q_ptr, qrow, row_ok, qk_scale, D // 2, D // 2, D, HALF)
+    dt = q_lo.dtype
     length = tl.load(len_ptr + b)
     n_hist = tl.load(nh_ptr + b)
 
