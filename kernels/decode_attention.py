@@ -320,8 +320,8 @@ def _attention_kernel(
     tq = qb * BM + r % BM  # query token within the chunk
     row_ok = (head < GROUP) & (tq < T)
     qrow = (bh * GROUP + head) * T + tq  # flat (sequence, query head, token)
-    # Full-precision rows (sinks, ring, a chunk's own tokens) meet the queries in float16 too for 16-bit
-    # models: in bfloat16 the scaled queries and the probabilities would keep 3 bits fewer.
+    # Every tile's arithmetic, the full-precision rows' (sinks, ring, a chunk's own tokens) as the history's:
+    # float16 for 16-bit models (in bfloat16 the scaled queries and the probabilities would keep 3 bits fewer).
     q_lo = _load_q(q_ptr, qrow, row_ok, qk_scale, 0, D // 2, D, HALF)
     q_hi = _load_q(q_ptr, qrow, row_ok, qk_scale, D // 2, D // 2, D, HALF)
     dt = q_lo.dtype
@@ -345,11 +345,9 @@ def _attention_kernel(
     # History: this split's share of the tiles the sequence holds.
     if K_FIELDS:  # whole rows, split by field in _history_qk_t
         qh = _load_q(qh_ptr, qrow, row_ok, qk_scale, 0, D, D, HALF)
-        hdt = qh.dtype  # the history's arithmetic
     else:  # halves, for RoPE
         qh_lo = _load_q(qh_ptr, qrow, row_ok, qk_scale, 0, D // 2, D, HALF)
         qh_hi = _load_q(qh_ptr, qrow, row_ok, qk_scale, D // 2, D // 2, D, HALF)
-        hdt = qh_lo.dtype
     n_tiles = tl.cdiv(n_hist, BLOCK_N)
     per_split = tl.cdiv(n_tiles, HIST_SPLITS)  # with RING_SPLIT the last split starts past the end
     t_end = tl.minimum(split * per_split + per_split, n_tiles)
@@ -359,14 +357,14 @@ def _attention_kernel(
     # on an H100, K4V2 before RoPE: 4.0 ms whole-tile, 5.1 ms by fields).
     V_FIELDS: tl.constexpr = V_BITS != 3 and V_GROUP * V_BITS >= 8 and not CHUNK
     pos0 = 0
-    ci = tl.zeros((BLOCK_N, D // 2), hdt)
-    si = tl.zeros((BLOCK_N, D // 2), hdt)
+    ci = tl.zeros((BLOCK_N, D // 2), dt)
+    si = tl.zeros((BLOCK_N, D // 2), dt)
     if ROPE:  # tables of the in-tile offsets; each tile adds its base angle
         pos0 = tl.load(pos0_ptr + b)
         offs = tl.arange(0, BLOCK_N)[:, None] * D + tl.arange(0, D // 2)[None, :]
         in_table = tl.arange(0, BLOCK_N)[:, None] < n_pos
-        ci = tl.load(cos_ptr + offs, mask=in_table, other=0.0).to(hdt)
-        si = tl.load(sin_ptr + offs, mask=in_table, other=0.0).to(hdt)
+        ci = tl.load(cos_ptr + offs, mask=in_table, other=0.0).to(dt)
+        si = tl.load(sin_ptr + offs, mask=in_table, other=0.0).to(dt)
     for t in range(split * per_split, t_end):
         rows = t * BLOCK_N + tl.arange(0, BLOCK_N)
         ok = rows < n_hist
