@@ -1,18 +1,16 @@
 """The inline-PTX unpacking of kernels.dequant (unpack, field) against minikv.quant, on an NVIDIA GPU.
 
-Triton's interpreter cannot run inline PTX, so the CPU tests cover only the plain-Triton unpacking.
-Like the other kernel tests, this module runs Triton's interpreter unless told otherwise (one process
-cannot mix both modes), and then skips; on a GPU run it alone with the compiler:
-`TRITON_INTERPRET=0 python -m pytest tests/test_dequant_ptx.py`. It covers every bit width, both
-halves of a row and one or four warps (different register layouts)."""
+Triton's interpreter cannot run inline PTX, so the CPU tests cover only the plain-Triton unpacking and
+this module skips there. It takes its mode from tests/shapes.py like the other kernel tests (one process
+cannot mix the interpreter and the compiler): on a GPU, `MINIKV_TEST_SHAPES=real python -m pytest
+tests/test_dequant_ptx.py`, alone or beside them. It covers every bit width, both halves of a row and
+one or four warps (different register layouts)."""
 from __future__ import annotations
 
-import os
+from tests.shapes import DEVICE  # first: sets TRITON_INTERPRET on the CPU
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported, as in tests/test_kernels.py
-
-import pytest
-import torch
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
@@ -20,8 +18,8 @@ import triton.language as tl  # noqa: E402
 from kernels import dequant  # noqa: E402
 from minikv.quant import unpack as reference_unpack  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and dequant.PTX),
-                                reason="needs an NVIDIA GPU and TRITON_INTERPRET=0")
+pytestmark = pytest.mark.skipif(not (DEVICE == "cuda" and torch.cuda.is_available() and dequant.PTX),
+                                reason="needs an NVIDIA GPU and MINIKV_TEST_SHAPES=real")
 D, N = 128, 128
 
 
