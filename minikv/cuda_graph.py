@@ -53,13 +53,7 @@ class GraphDecodeStep:
             self.logits = self._forward()
 
     def _compile_settings(self) -> contextlib.AbstractContextManager:
-        if not self.compile:
-            return contextlib.nullcontext()
-        import torch._inductor.config as inductor
-
-        # Coordinate-descent tuning lets inductor turn each batch-1 matmul into its own reduction kernel
-        # fused with its neighbours: measured 6.8 -> 5.9 ms/step at Llama-2-7B on an H100.
-        return inductor.patch(coordinate_descent_tuning=True)
+        return compile_settings(self.store.n_layers) if self.compile else contextlib.nullcontext()
 
     @torch.inference_mode()
     def __call__(self, ids: Tensor, positions: Tensor) -> Tensor:
@@ -75,10 +69,31 @@ class GraphDecodeStep:
 
 
 def compiled(model: torch.nn.Module, store: KVStore) -> torch.nn.Module:
-    """torch.compile'd model for `store`. A quantized store's attention launches Triton kernels from
-    Python and keeps host bookkeeping, so it runs outside the compiled code (torch.compiler.disable,
-    in QuantizedStore): graph breaks around it, still one CUDA graph around the whole step."""
+    """torch.compile'd model for `store`, to run under compile_settings. A quantized store's attention
+    launches Triton kernels from Python and keeps host bookkeeping, so it runs outside the compiled code
+    (torch.compiler.disable, in QuantizedStore): graph breaks around it, still one CUDA graph around the
+    whole step. Forgets whatever was compiled before (torch._dynamo.reset): the same model compiled for
+    another store left frames that count against this one's recompile limit (`minikv bench --compile`
+    compiles a quantized store's model, then the fp16 store's, which failed there)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
     return torch.compile(model, fullgraph=isinstance(store, FullPrecisionStore), dynamic=False)
+
+
+def compile_settings(n_layers: int) -> contextlib.AbstractContextManager:
+    """Settings for the first calls of a `compiled` model, which compile it."""
+    import torch._dynamo.config as dynamo
+    import torch._inductor.config as inductor
+
+    settings = contextlib.ExitStack()
+    # Coordinate-descent tuning lets inductor turn each batch-1 matmul into its own reduction kernel
+    # fused with its neighbours: measured 6.8 -> 5.9 ms/step at Llama-2-7B on an H100.
+    settings.enter_context(inductor.patch(coordinate_descent_tuning=True))
+    # Around a graph break (a quantized store's attention) each layer's attention is a frame of its own,
+    # compiled for its layer index: one compilation per layer, where dynamo's limit (8) left the rest eager.
+    settings.enter_context(dynamo.patch(recompile_limit=max(dynamo.recompile_limit, 2 * n_layers)))
+    return settings
 
 
 def check_graphable(store: KVStore) -> None:

@@ -166,20 +166,25 @@ def test_write_then_decode_equals_attending(kind):
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # from torch.compile's internals
 def test_compiled_model_leaves_the_store_attention_out():
     """GraphDecodeStep(compile=True)'s model with a quantized store: torch.compile runs the kernel
-    path's attention as it is (a graph break, not traced) and gives the eager model's logits."""
-    from minikv.cuda_graph import compiled
+    path's attention as it is (a graph break, not traced) and gives the eager model's logits. Every one
+    of the 10 layers is compiled (dynamo's default recompile limit, 8, left the last two eager), and the
+    same model then compiles for an fp16 store in one graph (as `minikv bench --compile` does)."""
+    import torch._dynamo.config
+
+    from minikv.cuda_graph import compile_settings, compiled
     from minikv.geometries import random_model
     from minikv.presets import make_store
 
-    cfg = ModelConfig(vocab_size=64, dim=64, n_layers=2, n_heads=2, n_kv_heads=1, hidden_dim=64)
+    cfg = ModelConfig(vocab_size=64, dim=64, n_layers=10, n_heads=2, n_kv_heads=1, hidden_dim=64)
     model = random_model(cfg, "cpu", torch.float32)
     ids = torch.randint(0, 64, (1, 19), generator=torch.Generator().manual_seed(4))
     outs = []
-    for compile_ in (False, True):
-        store = make_store(cfg, PRESETS["kivi2"].replace(attention="triton"), 1, 32, torch.float32, "cpu")
-        assert store._fast == [True, True]
+    for kv, compile_ in (("kivi2", False), ("kivi2", True), ("fp16", True)):
+        settings = PRESETS["kivi2"].replace(attention="triton") if kv == "kivi2" else "fp16"
+        store = make_store(cfg, settings, 1, 32, torch.float32, "cpu", static=True)
+        assert kv == "fp16" or store._fast == [True] * cfg.n_layers
         m = compiled(model, store) if compile_ else model
-        with torch.no_grad():
+        with torch.no_grad(), compile_settings(cfg.n_layers), torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
             for a, b in ((0, 17), (17, 18), (18, 19)):  # the first decode step moves a block
                 logits = m(ids[:, a:b], store.positions(b - a), store, last_only=True)
                 store.advance(b - a)
