@@ -180,7 +180,8 @@ def test_cuda_graph_needs_a_static_cuda_store():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("kv, compile", [("fp16", False), ("fp16", True), ("kivi2", False), ("mikv", False)])
+@pytest.mark.parametrize("kv, compile", [("fp16", False), ("fp16", True), ("kivi2", False), ("kivi2", True),
+                                         ("mikv", False)])
 def test_graph_decode_matches_eager(kv, compile):
     """20 decode steps replayed as one graph each give the eager logits: a full-precision store, and
     quantized stores through the kernels across two block moves (with MiKV, its rows and mass)."""
