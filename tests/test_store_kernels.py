@@ -184,7 +184,8 @@ def test_compiled_model_leaves_the_store_attention_out():
         store = make_store(cfg, settings, 1, 32, torch.float32, "cpu", static=True)
         assert kv == "fp16" or store._fast == [True] * cfg.n_layers
         m = compiled(model, store) if compile_ else model
-        with torch.no_grad(), compile_settings(cfg.n_layers), torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        strict = torch._dynamo.config.patch(fail_on_recompile_limit_hit=True)
+        with torch.no_grad(), compile_settings(cfg.n_layers), strict:
             for a, b in ((0, 17), (17, 18), (18, 19)):  # the first decode step moves a block
                 logits = m(ids[:, a:b], store.positions(b - a), store, last_only=True)
                 store.advance(b - a)
