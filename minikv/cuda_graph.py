@@ -91,7 +91,8 @@ def compile_settings(n_layers: int) -> contextlib.AbstractContextManager:
     # fused with its neighbours: measured 6.8 -> 5.9 ms/step at Llama-2-7B on an H100.
     settings.enter_context(inductor.patch(coordinate_descent_tuning=True))
     # Around a graph break (a quantized store's attention) each layer's attention is a frame of its own,
-    # compiled for its layer index: one compilation per layer, where dynamo's limit (8) left the rest eager.
+    # compiled for its layer index: one compilation per layer and input shape (a graph step sees one, a
+    # model called directly with prefill chunks too), where dynamo's limit (8) left the rest eager.
     settings.enter_context(dynamo.patch(recompile_limit=max(dynamo.recompile_limit, 2 * n_layers)))
     return settings
 

@@ -15,10 +15,9 @@ import sys
 
 import torch
 
+from kernels.decode_attention import LOG2E
 from minikv import qstore
 from minikv.cli import main
-
-LOG2E = 1.4426950408889634
 
 
 def _half(x: torch.Tensor) -> torch.Tensor:
@@ -27,12 +26,11 @@ def _half(x: torch.Tensor) -> torch.Tensor:
 
 def patch(rounds: str) -> None:
     """Make the quantized store's reference path round what `rounds` names to float16."""
+    read = qstore.QuantizedStore._read
 
-    def history(self, layer, a, b):  # QuantizedStore.history, rounding the dequantized codes
-        pos = torch.arange(self.hist_pos0 + a, self.hist_pos0 + b, device=self.device)
-        k, v = self._read(layer, "k", a, b), self._read(layer, "v", a, b)
-        k, v = (_half(k) if "k" in rounds else k), (_half(v) if "v" in rounds else v)
-        return self._key_from_stored(layer, k, pos), self._value_rotate(v)
+    def _read(self, layer, kind, a, b):  # the dequantized stored-space rows, as the kernel holds them
+        x = read(self, layer, kind, a, b)
+        return _half(x) if kind in rounds else x
 
     def attention(q, k, v, mask):  # reference_attention in the kernel's log2 domain, fp32
         B, Hq, T, D = q.shape
@@ -45,7 +43,7 @@ def patch(rounds: str) -> None:
         return out.view(B, Hq, T, D)
 
     qstore.QuantizedStore._mirror_dtype = lambda self, bits: torch.float32
-    qstore.QuantizedStore.history = history
+    qstore.QuantizedStore._read = _read
     qstore.reference_attention = attention
 
 
