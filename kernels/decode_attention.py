@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.dequant import _meta, dequant_channels, dequant_tokens, field, rope_halves, rope_rows, scale_channels
+from kernels.dequant import _meta, dequant_channels, dequant_tokens, field, rope_halves, rope_rows
 from kernels.layout import HiRows, History, PreRope, Spec
 
 LOG2E = 1.4426950408889634
@@ -73,9 +73,9 @@ def _softmax_step(s, ok, m_i, l_i):
 
 @triton.jit
 def _softmax_step_t(st, ok, m_i, l_i):
-    """_softmax_step over transposed scores st (N, M) with visibility ok (N,); the probabilities come back
-    as (M, N). Only the small probability tile is transposed."""
-    st = tl.where(ok[:, None], st, float("-inf"))
+    """_softmax_step over transposed scores st (N, M) with visibility ok (broadcast to them); the
+    probabilities come back as (M, N). Only the small probability tile is transposed."""
+    st = tl.where(ok, st, float("-inf"))
     m_new, m_ref, alpha = _rescale(m_i, tl.max(st, 0))
     pt = tl.exp2(st - m_ref[None, :])
     return tl.trans(pt), alpha, m_new, l_i * alpha + tl.sum(pt, 0)
@@ -91,6 +91,20 @@ def _softmax_step_hi(s, ok, sh, okh, m_i, l_i):
     p = tl.exp2(s - m_ref[:, None])
     ph = tl.exp2(sh - m_ref[:, None])
     return p, ph, alpha, m_new, l_i * alpha + tl.sum(p, 1) + tl.sum(ph, 1)
+
+
+@triton.jit
+def _merge_slots(m_i, l_i, acc, acc_h, SLOTS: tl.constexpr):
+    """Rows (SLOTS * R,) of partial softmaxes over disjoint tokens merged into (R,): max, sum, both accumulators."""
+    R: tl.constexpr = m_i.shape[0] // SLOTS
+    D: tl.constexpr = acc.shape[1]
+    m3 = tl.reshape(m_i, (SLOTS, R))
+    m_new = tl.max(m3, 0)
+    w = tl.exp2(m3 - tl.where(m_new == float("-inf"), 0.0, m_new)[None, :])
+    l_new = tl.sum(tl.reshape(l_i, (SLOTS, R)) * w, 0)
+    acc = tl.sum(tl.reshape(acc, (SLOTS, R, D)) * w[:, :, None], 0)
+    acc_h = tl.sum(tl.reshape(acc_h, (SLOTS, R, D)) * w[:, :, None], 0)
+    return m_new, l_new, acc, acc_h
 
 
 @triton.jit
@@ -177,20 +191,18 @@ def _history_keys(hk_ptr, ks_ptr, kz_ptr, kmat_ptr, cos_ptr, sin_ptr, tok, ok, m
 
 
 @triton.jit
-def _fields_qk_t(q, byt, ok, s_ptr, z_ptr, meta, BITS: tl.constexpr, K0: tl.constexpr, STEP: tl.constexpr,
-                 N: tl.constexpr, NBLK: tl.constexpr, PREC: tl.constexpr, HALF: tl.constexpr):
-    """Transposed scores (N_tok, M) of the queries q against the keys in the N fields K0, K0 + STEP, ... of
-    the bytes byt (N_tok, NB), dequantized per channel by the scale rows of the tile's NBLK blocks (at meta
-    (NBLK, NB) plus the field). q's columns are the channels of those fields, interleaved; its even and odd
-    columns are the two halves of the run, as in _fields_pv. Scales are loaded per field: splitting loaded
-    rows like q made the kernel spill under its register cap."""
+def _fields_qk_t(q, byt, BITS: tl.constexpr, K0: tl.constexpr, STEP: tl.constexpr, N: tl.constexpr,
+                 PREC: tl.constexpr, HALF: tl.constexpr):
+    """Transposed scores (N_tok, M) of the queries q against the codes in the N fields K0, K0 + STEP, ... of
+    the bytes byt (N_tok, NB). q's columns are the channels of those fields, interleaved; its even and odd
+    columns are the two halves of the run, as in _fields_pv."""
     if N == 1:
-        k = scale_channels(field(byt, BITS, K0, HALF), ok, meta + K0, s_ptr, z_ptr, NBLK, HALF)
+        k = field(byt, BITS, K0, HALF)
         out = tl.dot(k, tl.trans(q.to(k.dtype)), input_precision=PREC)
     else:
         q_even, q_odd = tl.split(tl.reshape(q, (q.shape[0], q.shape[1] // 2, 2)))
-        out = _fields_qk_t(q_even, byt, ok, s_ptr, z_ptr, meta, BITS, K0, 2 * STEP, N // 2, NBLK, PREC, HALF)
-        out += _fields_qk_t(q_odd, byt, ok, s_ptr, z_ptr, meta, BITS, K0 + STEP, 2 * STEP, N // 2, NBLK, PREC, HALF)
+        out = _fields_qk_t(q_even, byt, BITS, K0, 2 * STEP, N // 2, PREC, HALF)
+        out += _fields_qk_t(q_odd, byt, BITS, K0 + STEP, 2 * STEP, N // 2, PREC, HALF)
     return out
 
 
@@ -198,14 +210,25 @@ def _fields_qk_t(q, byt, ok, s_ptr, z_ptr, meta, BITS: tl.constexpr, K0: tl.cons
 def _history_qk_t(q, hk_ptr, ks_ptr, kz_ptr, tok, ok, meta_row, K_BITS: tl.constexpr, NBLK: tl.constexpr,
                   D: tl.constexpr, PREC: tl.constexpr, HALF: tl.constexpr):
     """Transposed scores (N, M) of q (M, D) against a tile of per-channel keys, one product per field of the
-    packed bytes (field k holds channels k, k + 8/K_BITS, ...). Each field is dequantized elementwise, so it
-    reaches the tensor cores in registers as the first operand, where the whole dequantized tile, the
-    second operand, went through shared memory (keys_by_fields says where this pays)."""
+    packed bytes (field k holds channels k, k + 8/K_BITS, ...), each field's codes reaching the tensor cores
+    in registers as the first operand (keys_by_fields says where this pays). Row r of q belongs to block
+    slot r // (M / NBLK) of the tile, and the scales and zero-points of that block are folded into it:
+    q·(s∘c + z) = (q∘s)·c + q·z, so only the codes are unpacked per element. Scaling each code instead
+    took an fma.f16x2 per pair of codes, and the scales, gathered per field and paired per register,
+    about as many byte permutes again (ptxas for sm_90). Scores of a row against the other blocks' tokens
+    are meaningless; the caller masks them."""
     KB: tl.constexpr = D * K_BITS // 8
     PER: tl.constexpr = 8 // K_BITS
+    M: tl.constexpr = q.shape[0]
     byt = tl.load(hk_ptr + tok[:, None] * KB + tl.arange(0, KB)[None, :], mask=ok[:, None], other=0)
-    meta = meta_row + tl.arange(0, NBLK)[:, None] * D + tl.arange(0, KB)[None, :] * PER
-    return _fields_qk_t(q, byt, ok, ks_ptr, kz_ptr, meta, K_BITS, 0, 1, PER, NBLK, PREC, HALF)
+    meta = meta_row + tl.arange(0, NBLK)[:, None] * D + tl.arange(0, D)[None, :]
+    blk_live = tl.max(tl.reshape(ok.to(tl.int32), (NBLK, tok.shape[0] // NBLK)), 1) > 0
+    s = tl.reshape(tl.broadcast_to(_meta(ks_ptr, meta, blk_live[:, None], HALF)[:, None, :], (NBLK, M // NBLK, D)),
+                   (M, D))
+    z = tl.reshape(tl.broadcast_to(_meta(kz_ptr, meta, blk_live[:, None], HALF)[:, None, :], (NBLK, M // NBLK, D)),
+                   (M, D))
+    bias = tl.sum(q.to(tl.float32) * z.to(tl.float32), 1)
+    return _fields_qk_t(q * s, byt, K_BITS, 0, 1, PER, PREC, HALF) + bias[None, :]
 
 
 @triton.jit
@@ -309,17 +332,22 @@ def _attention_kernel(
     HALF: tl.constexpr,
 ):
     """Program (sequence x KV head, query block, split). Its M = GP * BM rows are the GP query heads
-    of the KV group times BM query tokens, so every key and value tile is loaded once for them all."""
+    of the KV group times BM query tokens, so every key and value tile is loaded once for them all. With
+    keys by fields the rows are SLOTS = NBLK copies of those, slot j attending block j of each history tile
+    (_history_qk_t) and slot 0 the full-precision rows; the copies are merged like splits at the end."""
     M: tl.constexpr = GP * BM
+    SLOTS: tl.constexpr = NBLK if K_FIELDS else 1
     bh = tl.program_id(0)
     qb = tl.program_id(1)
     split = tl.program_id(2)
     b = bh // Hkv
     r = tl.arange(0, M)
-    head = r // BM
+    slot = r // (M // SLOTS)
+    head = r % (M // SLOTS) // BM
     tq = qb * BM + r % BM  # query token within the chunk
     row_ok = (head < GROUP) & (tq < T)
     qrow = (bh * GROUP + head) * T + tq  # flat (sequence, query head, token)
+    first = (slot == 0)[:, None]  # the rows that attend the sinks, the ring and a chunk's own tokens
     # Every tile's arithmetic, the full-precision rows' (sinks, ring, a chunk's own tokens) as the history's:
     # float16 for 16-bit models (in bfloat16 the scaled queries and the probabilities would keep 3 bits fewer).
     q_lo = _load_q(q_ptr, qrow, row_ok, qk_scale, 0, D // 2, D, HALF)
@@ -339,7 +367,7 @@ def _attention_kernel(
             rows = tl.arange(0, SINK_P)
             ok = (rows < n_sink) & (rows < length)
             k_lo, k_hi, v = _full_tile(sk_ptr + bh * n_sink * D, sv_ptr + bh * n_sink * D, rows, ok, D)
-            p, alpha, m_i, l_i = _softmax_step(_qk(q_lo, q_hi, k_lo, k_hi, PREC), ok[None, :], m_i, l_i)
+            p, alpha, m_i, l_i = _softmax_step(_qk(q_lo, q_hi, k_lo, k_hi, PREC), ok[None, :] & first, m_i, l_i)
             acc = acc * alpha[:, None] + tl.dot(p.to(dt), v.to(dt), input_precision=PREC)
 
     # History: this split's share of the tiles the sequence holds.
@@ -371,8 +399,9 @@ def _attention_kernel(
         tok = bh * C_h + rows
         meta_row = (bh * (C_h // G) + t * BLOCK_N // G) * D
         if K_FIELDS:
+            in_slot = ok[:, None] & ((tl.arange(0, BLOCK_N) // G)[:, None] == slot[None, :])
             p, alpha, m_i, l_i = _softmax_step_t(_history_qk_t(qh, hk_ptr, ks_ptr, kz_ptr, tok, ok, meta_row, K_BITS,
-                                                               NBLK, D, PREC, HALF), ok, m_i, l_i)
+                                                               NBLK, D, PREC, HALF), in_slot, m_i, l_i)
         else:
             k_lo, k_hi = _history_keys(hk_ptr, ks_ptr, kz_ptr, kmat_ptr, cos_ptr, sin_ptr, tok, ok, meta_row,
                                        pos0 + t * BLOCK_N, ci, si, bh % Hkv, K_BITS, K_PER_CHANNEL, K_GROUP, K_NG,
@@ -387,7 +416,7 @@ def _attention_kernel(
                                                           _qk(qh_lo, qh_hi, hk_lo, hk_hi, PREC), (hrow >= 0)[None, :],
                                                           m_i, l_i)
             elif KMAT > 0 and not CHUNK:  # keys out of a product: scores transposed (_qk_t); prefill not timed
-                p, alpha, m_i, l_i = _softmax_step_t(_qk_t(qh_lo, qh_hi, k_lo, k_hi, PREC), ok, m_i, l_i)
+                p, alpha, m_i, l_i = _softmax_step_t(_qk_t(qh_lo, qh_hi, k_lo, k_hi, PREC), ok[:, None], m_i, l_i)
             else:
                 p, alpha, m_i, l_i = _softmax_step(_qk(qh_lo, qh_hi, k_lo, k_hi, PREC), ok[None, :], m_i, l_i)
         if V_FIELDS:
@@ -406,7 +435,7 @@ def _attention_kernel(
             rows = w0 + tl.arange(0, BLOCK_W)
             ok = (rows < R) & _ring_ok(rows, n_hist, length, n_sink, R)
             k_lo, k_hi, v = _full_tile(wk_ptr + bh * R * D, wv_ptr + bh * R * D, rows, ok, D)
-            p, alpha, m_i, l_i = _softmax_step(_qk(q_lo, q_hi, k_lo, k_hi, PREC), ok[None, :], m_i, l_i)
+            p, alpha, m_i, l_i = _softmax_step(_qk(q_lo, q_hi, k_lo, k_hi, PREC), ok[None, :] & first, m_i, l_i)
             acc = acc * alpha[:, None] + tl.dot(p.to(dt), v.to(dt), input_precision=PREC)
             acc_h = acc_h * alpha[:, None]
         if CHUNK:  # the chunk's own tokens, causally
@@ -419,6 +448,10 @@ def _attention_kernel(
                 acc = acc * alpha[:, None] + tl.dot(p.to(dt), v.to(dt), input_precision=PREC)
                 acc_h = acc_h * alpha[:, None]
 
+    if SLOTS > 1:  # merge the slots' partial softmaxes, as the combine kernel merges splits
+        m_i, l_i, acc, acc_h = _merge_slots(m_i, l_i, acc, acc_h, SLOTS)
+        qrow = tl.reshape(qrow, (SLOTS, M // SLOTS)).max(0)
+        row_ok = tl.reshape(row_ok.to(tl.int32), (SLOTS, M // SLOTS)).max(0) > 0
     dd = tl.arange(0, D)
     if DIRECT:
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -480,7 +513,8 @@ def num_splits(batch: int, n_kv_heads: int, n_tokens: int, block_n: int, min_til
 def keys_by_fields(spec: Spec, rope: PreRope | None) -> bool:
     """Whether decode attends the history's keys one field at a time (_history_qk_t): 4-bit per-channel keys
     after RoPE. On an H100 at B=8, S=32K that took K4V2's bits after RoPE from 0.311 to 0.218 ms and K4V4's
-    from 0.319 to 0.256, and left 4-bit keys in 32-token blocks (kivi4) at 0.24 ms; 2-bit keys went from
+    from 0.319 to 0.256 (0.190 and 0.209 with the scales folded into the query), and left 4-bit keys in
+    32-token blocks (kivi4) at 0.24 ms; 2-bit keys went from
     0.202 to 0.249 ms (kivi2) and 8-bit ones from 0.286 to 0.361 (int8), so those keep whole tiles."""
     return rope is None and spec.k_per_channel and spec.k_bits == 4 and spec.hi_rows == 0
 
@@ -531,18 +565,20 @@ def attention(q: Tensor, k_new: Tensor | None, v_new: Tensor | None, sink_k: Ten
     cos, sin, pos0 = rope if rope is not None else (q, q, lengths)  # placeholders when ROPE is off
     gp = triton.next_power_of_2(group)
     bm = max(block_m, 16 // gp) if chunk else 1
+    k_fields = not chunk and keys_by_fields(spec, rope)
+    slots = max(1, block_n // spec.block) if k_fields else 1  # see _attention_kernel
     _attention_kernel[(B * Hkv, triton.cdiv(T, bm), splits)](
         q, q_hist, k_new, v_new, sink_k, sink_v, lengths, *hist, n_hist, win_k, win_v, cos, sin, pos0,
         q if key_matrix is None else key_matrix, *hi_tensors, part, part_h, m, l,
         qk_scale, Hkv, T, n_sink, R, C_h, cos.shape[0], 0 if hi is None else hi.idx.shape[2],
-        GROUP=group, GP=gp if chunk else max(16, gp), BM=bm, D=D,
+        GROUP=group, GP=gp if chunk else max(16, gp * slots), BM=bm, D=D,
         SINK_P=0 if n_sink == 0 else max(16, triton.next_power_of_2(n_sink)),
         BLOCK_N=block_n, BLOCK_W=block_w, SPLITS=splits, NBLK=max(1, block_n // spec.block),
         K_BITS=spec.k_bits, V_BITS=spec.v_bits, K_PER_CHANNEL=spec.k_per_channel, G=spec.block,
         K_GROUP=spec.k_group, K_NG=max(1, D // 2 // spec.k_group), V_GROUP=spec.v_group, V_NG=D // spec.v_group,
         ROPE=rope is not None, KMAT=0 if key_matrix is None else 1 if key_matrix.dim() == 3 else 2,
         SPLIT_V=split_v, DIRECT=direct, CHUNK=chunk,
-        RING_SPLIT=ring_split, K_FIELDS=not chunk and keys_by_fields(spec, rope),
+        RING_SPLIT=ring_split, K_FIELDS=k_fields,
         HI_BITS=spec.hi_bits, HI_ROWS=spec.hi_rows,
         HP=max(16, triton.next_power_of_2(max(1, block_n // spec.block) * spec.hi_rows)),
         HI_P=triton.next_power_of_2(max(1, spec.hi_rows)),
