@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.dequant import _meta, dequant_channels, dequant_tokens, field, rope_halves, rope_rows
+from kernels.dequant import _meta, dequant_channels, dequant_tokens, field, nibble, rope_halves, rope_rows
 from kernels.layout import HiRows, History, PreRope, Spec
 
 LOG2E = 1.4426950408889634
@@ -197,7 +197,7 @@ def _fields_qk_t(q, byt, BITS: tl.constexpr, K0: tl.constexpr, STEP: tl.constexp
     the bytes byt (N_tok, NB). q's columns are the channels of those fields, interleaved; its even and odd
     columns are the two halves of the run, as in _fields_pv."""
     if N == 1:
-        k = field(byt, BITS, K0, HALF)
+        k = nibble(byt, K0, HALF) if BITS == 4 else field(byt, BITS, K0, HALF)
         out = tl.dot(k, tl.trans(q.to(k.dtype)), input_precision=PREC)
     else:
         q_even, q_odd = tl.split(tl.reshape(q, (q.shape[0], q.shape[1] // 2, 2)))
@@ -228,7 +228,8 @@ def _history_qk_t(q, hk_ptr, ks_ptr, kz_ptr, tok, ok, meta_row, K_BITS: tl.const
     z = tl.reshape(tl.broadcast_to(_meta(kz_ptr, meta, blk_live[:, None], HALF)[:, None, :], (NBLK, M // NBLK, D)),
                    (M, D))
     bias = tl.sum(q.to(tl.float32) * z.to(tl.float32), 1)
-    return _fields_qk_t(q * s, byt, K_BITS, 0, 1, PER, PREC, HALF) + bias[None, :]
+    UNIT: tl.constexpr = 2.0 ** -24 if HALF else 1.0  # what a code of 1 is worth (dequant.nibble)
+    return _fields_qk_t(q * s, byt, K_BITS, 0, 1, PER, PREC, HALF) * (1.0 / UNIT) + bias[None, :]
 
 
 @triton.jit

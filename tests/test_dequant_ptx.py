@@ -56,3 +56,20 @@ def test_field_matches_reference(bits):
         out = torch.empty(N, nb, dtype=torch.float16, device="cuda")
         _field_kernel[(1,)](packed, out, bits, k, N, nb, num_warps=4)
         assert torch.equal(out, want[:, k::per]), k
+
+
+@triton.jit
+def _nibble_kernel(x_ptr, o_ptr, K: tl.constexpr, N: tl.constexpr, NB: tl.constexpr):
+    r = tl.arange(0, N)[:, None] * NB + tl.arange(0, NB)[None, :]
+    tl.store(o_ptr + r, dequant.nibble(tl.load(x_ptr + r), K, True).to(tl.float32))
+
+
+def test_nibble_matches_reference():
+    """4-bit codes two bytes at a time, as float16 subnormals: code * 2**-24 exactly."""
+    nb = D // 2
+    packed = torch.randint(0, 256, (N, nb), dtype=torch.uint8, device="cuda")
+    want = reference_unpack(packed, 4, D).float() * 2.0 ** -24
+    for k in range(2):
+        out = torch.empty(N, nb, dtype=torch.float32, device="cuda")
+        _nibble_kernel[(1,)](packed, out, k, N, nb, num_warps=4)
+        assert torch.equal(out, want[:, k::2]), k
