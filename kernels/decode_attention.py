@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.dequant import _meta, dequant_channels, dequant_tokens, field, nibble, rope_halves, rope_rows
+from kernels.dequant import _meta, dequant_channels, dequant_tokens, field, rope_halves, rope_rows, subnormal_field
 from kernels.layout import HiRows, History, PreRope, Spec
 
 LOG2E = 1.4426950408889634
@@ -197,7 +197,7 @@ def _fields_qk_t(q, byt, BITS: tl.constexpr, K0: tl.constexpr, STEP: tl.constexp
     the bytes byt (N_tok, NB). q's columns are the channels of those fields, interleaved; its even and odd
     columns are the two halves of the run, as in _fields_pv."""
     if N == 1:
-        k = nibble(byt, K0, HALF) if BITS == 4 else field(byt, BITS, K0, HALF)
+        k = subnormal_field(byt, BITS, K0, HALF)
         out = tl.dot(k, tl.trans(q.to(k.dtype)), input_precision=PREC)
     else:
         q_even, q_odd = tl.split(tl.reshape(q, (q.shape[0], q.shape[1] // 2, 2)))
@@ -228,7 +228,7 @@ def _history_qk_t(q, hk_ptr, ks_ptr, kz_ptr, tok, ok, meta_row, K_BITS: tl.const
     z = tl.reshape(tl.broadcast_to(_meta(kz_ptr, meta, blk_live[:, None], HALF)[:, None, :], (NBLK, M // NBLK, D)),
                    (M, D))
     bias = tl.sum(q.to(tl.float32) * z.to(tl.float32), 1)
-    UNIT: tl.constexpr = 2.0 ** -24 if HALF else 1.0  # what a code of 1 is worth (dequant.nibble)
+    UNIT: tl.constexpr = 2.0 ** -24 if HALF else 1.0  # what a code of 1 is worth (dequant.subnormal_field)
     return _fields_qk_t(q * s, byt, K_BITS, 0, 1, PER, PREC, HALF) * (1.0 / UNIT) + bias[None, :]
 
 
@@ -512,12 +512,12 @@ def num_splits(batch: int, n_kv_heads: int, n_tokens: int, block_n: int, min_til
 
 
 def keys_by_fields(spec: Spec, rope: PreRope | None) -> bool:
-    """Whether decode attends the history's keys one field at a time (_history_qk_t): 4-bit per-channel keys
-    after RoPE. On an H100 at B=8, S=32K that took K4V2's bits after RoPE from 0.311 to 0.218 ms and K4V4's
-    from 0.319 to 0.256 (0.190 and 0.209 with the scales folded into the query), and left 4-bit keys in
-    32-token blocks (kivi4) at 0.24 ms; 2-bit keys went from
-    0.202 to 0.249 ms (kivi2) and 8-bit ones from 0.286 to 0.361 (int8), so those keep whole tiles."""
-    return rope is None and spec.k_per_channel and spec.k_bits == 4 and spec.hi_rows == 0
+    """Whether decode attends the history's keys one field at a time (_history_qk_t): 2- and 4-bit
+    per-channel keys after RoPE. On an H100 at B=8, S=32K, with the scales folded into the query and the
+    codes unpacked two bytes at a time: K4V2 0.178 ms (0.218 by fields before those two, 0.311 as whole
+    tiles), kivi2 0.176 (0.202 as whole tiles; by fields it lost, 0.249, while it gathered its scales per
+    field). 8-bit keys went from 0.286 to 0.361 ms by fields (int8) and keep whole tiles."""
+    return rope is None and spec.k_per_channel and spec.k_bits in (2, 4) and spec.hi_rows == 0
 
 
 def register_capped(spec: Spec, rope: PreRope | None, dtype: torch.dtype) -> bool:

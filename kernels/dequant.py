@@ -42,12 +42,16 @@ def _fields_ptx(bits: int) -> str:
     return "\n".join(lines + ["}"])
 
 
-def _nibbles_ptx() -> str:
-    """PTX mapping two packed bytes (a 16-bit register) to their two 4-bit fields, each as a pair of float16
-    subnormals (nibble)."""
-    return "\n".join(["{", ".reg .b32 x, lo, t;", "cvt.u32.u16 x, $2;", "prmt.b32 lo, x, 0, 0x4140;",
-                      "and.b32 $0, lo, 0xf000f;", "shr.b32 t, lo, 4;",
-                      "and.b32 $1, t, 0xf000f;", "}"])
+def _pairs_ptx(bits: int) -> str:
+    """PTX mapping two packed bytes (a 16-bit register) to each of their 8/bits fields, each as a pair of
+    float16 subnormals (subnormal_field)."""
+    per, mask = 8 // bits, hex((1 << bits) - 1 | ((1 << bits) - 1) << 16)
+    lines = ["{", ".reg .b32 x, lo, t;", f"cvt.u32.u16 x, ${per};", "prmt.b32 lo, x, 0, 0x4140;"]
+    for k in range(per):
+        if k:
+            lines.append(f"shr.b32 t, lo, {bits * k};")
+        lines.append(f"and.b32 ${k}, {'t' if k else 'lo'}, {mask};")
+    return "\n".join(lines + ["}"])
 
 
 # Inline PTX needs an NVIDIA GPU; Triton's interpreter (the CPU tests) runs the plain-Triton unpacking,
@@ -56,7 +60,8 @@ PTX = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and torc
 _PTX1 = tl.constexpr(_fields_ptx(1))
 _PTX2 = tl.constexpr(_fields_ptx(2))
 _PTX4 = tl.constexpr(_fields_ptx(4))
-_PTX4_PAIRS = tl.constexpr(_nibbles_ptx())
+_PTX2_PAIRS = tl.constexpr(_pairs_ptx(2))
+_PTX4_PAIRS = tl.constexpr(_pairs_ptx(4))
 
 
 @triton.jit
@@ -83,22 +88,27 @@ def _ptx_field(byt, BITS: tl.constexpr, K: tl.constexpr):
 
 
 @triton.jit
-def nibble(byt, K: tl.constexpr, HALF: tl.constexpr):
-    """Code K (the low or the high nibble) of each byte, for a product with operands scaled to suit: with HALF
+def subnormal_field(byt, BITS: tl.constexpr, K: tl.constexpr, HALF: tl.constexpr):
+    """Code K (bits K*BITS..) of each byte, BITS 2 or 4, for a product with operands scaled to suit: with HALF
     the float16 subnormal code * 2**-24, exact and with no offset to take off (field's subtraction of 1024.0,
     an add.f16x2 per pair); NVIDIA's tensor cores take float16 subnormals as they are. Else field(). The PTX
     takes the bytes two at a time: where the consumer holds two neighbouring bytes of a row per register,
     as the tensor cores' first operand does (keys by fields), Triton's packing of four bytes for _fields_ptx
     took seven byte permutes (ptxas for sm_90). k4v2's decode kernel at B=8, S=32K on an H100: 0.193 ->
     0.180 ms for the pairs, 0.178 with the subnormals."""
-    if HALF and PTX:
+    if HALF and PTX and BITS == 4:
         f0, f1 = tl.inline_asm_elementwise(_PTX4_PAIRS, "=r,=r,h", [byt], dtype=(tl.float16, tl.float16),
                                            is_pure=True, pack=2)
         out = f0 if K == 0 else f1
+    elif HALF and PTX:
+        f0, f1, f2, f3 = tl.inline_asm_elementwise(_PTX2_PAIRS, "=r,=r,=r,=r,h", [byt],
+                                                   dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
+                                                   is_pure=True, pack=2)
+        out = f0 if K == 0 else f1 if K == 1 else f2 if K == 2 else f3
     elif HALF:
-        out = ((byt.to(tl.int16) >> (4 * K)) & 0xF).to(tl.float16, bitcast=True)
+        out = ((byt.to(tl.int16) >> (BITS * K)) & ((1 << BITS) - 1)).to(tl.float16, bitcast=True)
     else:
-        out = field(byt, 4, K, HALF)
+        out = field(byt, BITS, K, HALF)
     return out
 
 

@@ -59,17 +59,18 @@ def test_field_matches_reference(bits):
 
 
 @triton.jit
-def _nibble_kernel(x_ptr, o_ptr, K: tl.constexpr, N: tl.constexpr, NB: tl.constexpr):
+def _subnormal_kernel(x_ptr, o_ptr, BITS: tl.constexpr, K: tl.constexpr, N: tl.constexpr, NB: tl.constexpr):
     r = tl.arange(0, N)[:, None] * NB + tl.arange(0, NB)[None, :]
-    tl.store(o_ptr + r, dequant.nibble(tl.load(x_ptr + r), K, True).to(tl.float32))
+    tl.store(o_ptr + r, dequant.subnormal_field(tl.load(x_ptr + r), BITS, K, True).to(tl.float32))
 
 
-def test_nibble_matches_reference():
-    """4-bit codes two bytes at a time, as float16 subnormals: code * 2**-24 exactly."""
-    nb = D // 2
+@pytest.mark.parametrize("bits", [2, 4])
+def test_subnormal_field_matches_reference(bits):
+    """Codes two bytes at a time, as float16 subnormals: code * 2**-24 exactly."""
+    per, nb = 8 // bits, D * bits // 8
     packed = torch.randint(0, 256, (N, nb), dtype=torch.uint8, device="cuda")
-    want = reference_unpack(packed, 4, D).float() * 2.0 ** -24
-    for k in range(2):
+    want = reference_unpack(packed, bits, D).float() * 2.0 ** -24
+    for k in range(per):
         out = torch.empty(N, nb, dtype=torch.float32, device="cuda")
-        _nibble_kernel[(1,)](packed, out, k, N, nb, num_warps=4)
-        assert torch.equal(out, want[:, k::2]), k
+        _subnormal_kernel[(1,)](packed, out, bits, k, N, nb, num_warps=4)
+        assert torch.equal(out, want[:, k::per]), k
