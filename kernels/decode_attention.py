@@ -5,9 +5,9 @@ Each program takes one (sequence, KV head) and one split of the history, with AL
 KV group at once, so every packed byte is read from memory once and unpacked once (GQA). Codes are
 dequantized in registers (in float16 for 16-bit models, see kernels.dequant), the history's values
 one field of the packed bytes at a time so that they reach the tensor cores without a trip through
-shared memory (_history_pv), and so are 4-bit keys after RoPE in decode (_history_qk_t); pre-RoPE keys
-get RoPE there too, after the key-matrix product, and are the first operand of the score product
-(_qk_t). MiKV's high-precision rows are attended tile by tile in place of the low-bit rows they
+shared memory (_history_pv), and so are 2- and 4-bit keys after RoPE in decode, with their scales in the
+query (_history_qk_t); pre-RoPE keys get RoPE there too, after the key-matrix product, and are the first
+operand of the score product (_qk_t). MiKV's high-precision rows are attended tile by tile in place of the low-bit rows they
 replace, and the attention mass of the ring (and of a chunk's own tokens) is recomputed afterwards
 from the log-sum-exp. The last split covers
 the window ring (and a prefill chunk's own tokens) and split 0 the sinks; with RING_SPLIT the last

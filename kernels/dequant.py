@@ -9,7 +9,9 @@ With HALF the arithmetic runs in float16 (16-bit models; bfloat16 ones too, as t
 stored in float16), else in float32. Codes become floats by OR-ing them into the mantissa of a
 power of two and subtracting it, exactly: a conversion instruction runs at an eighth of the rate of
 arithmetic on recent GPUs, and two of them per element (int -> fp32 -> fp16) made the kernel bound
-by conversions. On NVIDIA GPUs, codes narrower than a byte are unpacked by inline PTX (_fields_ptx).
+by conversions. On NVIDIA GPUs, codes narrower than a byte are unpacked by inline PTX (_fields_ptx). Keys
+whose scales the decode kernel folds into the query need no offset taken off: subnormal_field leaves a code
+as a float16 subnormal.
 """
 from __future__ import annotations
 
