@@ -516,8 +516,10 @@ def keys_by_fields(spec: Spec, rope: PreRope | None) -> bool:
     per-channel keys after RoPE. On an H100 at B=8, S=32K, with the scales folded into the query and the
     codes unpacked two bytes at a time: K4V2 0.178 ms (0.218 by fields before those two, 0.311 as whole
     tiles), kivi2 0.176 (0.202 as whole tiles; by fields it lost, 0.249, while it gathered its scales per
-    field). 8-bit keys went from 0.286 to 0.361 ms by fields (int8) and keep whole tiles."""
-    return rope is None and spec.k_per_channel and spec.k_bits in (2, 4) and spec.hi_rows == 0
+    field). 8-bit keys went from 0.286 to 0.361 ms by fields (int8) and keep whole tiles. A field's product
+    needs 16 bytes a row or more (the tensor cores' shortest reduction), so 2-bit keys need head dim 64."""
+    return (rope is None and spec.k_per_channel and spec.k_bits in (2, 4) and spec.hi_rows == 0
+            and spec.head_dim * spec.k_bits >= 128)
 
 
 def register_capped(spec: Spec, rope: PreRope | None, dtype: torch.dtype) -> bool:

@@ -18,7 +18,7 @@ skip_without_device()
 pytest.importorskip("triton")
 
 from kernels import reference  # noqa: E402
-from kernels.decode_attention import decode_attention  # noqa: E402
+from kernels.decode_attention import decode_attention, keys_by_fields  # noqa: E402
 from kernels.layout import HiRows, History, PreRope, Spec  # noqa: E402
 from minikv.model import apply_rope  # noqa: E402
 from minikv.quant import hadamard, hadamard_block  # noqa: E402
@@ -228,6 +228,21 @@ def test_decode_in_16_bits(case):
                            block_w=G)
     assert got.dtype == dtype
     torch.testing.assert_close(got.float(), want, atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_decode_two_bit_keys_by_fields(dtype):
+    """2-bit per-channel keys take the keys-by-fields path only from head dim 64 (16 bytes a row); the small
+    shapes' head dim of 32 leaves them whole, so this case doubles it."""
+    spec = Spec(max(D, 64), 2, 2, True, G, 32, 16)
+    assert keys_by_fields(spec, None) and not keys_by_fields(replace(spec, head_dim=32), None)
+    args, kw, _ = _state(spec, 2, 4, False, False, seed=7)
+    want = reference.decode_attention(*args, **kw)
+    q, sink_k, sink_v, lengths, hist, spec, n_hist, win_k, win_v = args
+    low = [t.to(dtype) for t in (q, sink_k, sink_v, win_k, win_v)]
+    got = decode_attention(*low[:3], lengths, hist, spec, n_hist, *low[3:], **kw, splits=3, block_n=2 * G, block_w=G)
+    tol = 1e-4 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the interpreter cannot run bfloat16 dots")
