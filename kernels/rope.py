@@ -1,6 +1,7 @@
 """Rotate-half RoPE of a step's queries and keys in one launch on CUDA. The model's PyTorch form
 (minikv.model.apply_rope: a negation, a concatenation, two products and a sum, on strided views) is about
-five kernels per tensor, ten per layer; on an H100 they took about 0.85 ms of a Mistral-7B step at batch 8.
+five kernels per tensor, ten per layer; on an H100 they took about 0.9 ms of a Mistral-7B step at batch 8
+over 32K tokens, and this kernel 0.06 ms (docs/SPEED.md).
 Same roundings: each product and the sum rounded to the model's dtype, as the PyTorch form does (FMA
 contraction off)."""
 from __future__ import annotations
