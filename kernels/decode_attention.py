@@ -100,7 +100,7 @@ def _merge_slots(m_i, l_i, acc, acc_h, SLOTS: tl.constexpr):
     D: tl.constexpr = acc.shape[1]
     m3 = tl.reshape(m_i, (SLOTS, R))
     m_new = tl.max(m3, 0)
-    w = tl.exp2(m3 - tl.where(m_new == float("-inf"), 0.0, m_new)[None, :])
+    _, _, w = _rescale(m3, m_new[None, :])  # each slot's weight against the merged max
     l_new = tl.sum(tl.reshape(l_i, (SLOTS, R)) * w, 0)
     acc = tl.sum(tl.reshape(acc, (SLOTS, R, D)) * w[:, :, None], 0)
     acc_h = tl.sum(tl.reshape(acc_h, (SLOTS, R, D)) * w[:, :, None], 0)
@@ -569,21 +569,21 @@ def attention(q: Tensor, k_new: Tensor | None, v_new: Tensor | None, sink_k: Ten
     gp = triton.next_power_of_2(group)
     bm = max(block_m, 16 // gp) if chunk else 1
     k_fields = not chunk and keys_by_fields(spec, rope)
-    slots = max(1, block_n // spec.block) if k_fields else 1  # see _attention_kernel
+    nblk = max(1, block_n // spec.block)  # blocks a history tile spans; with k_fields, copies of the rows
     _attention_kernel[(B * Hkv, triton.cdiv(T, bm), splits)](
         q, q_hist, k_new, v_new, sink_k, sink_v, lengths, *hist, n_hist, win_k, win_v, cos, sin, pos0,
         q if key_matrix is None else key_matrix, *hi_tensors, part, part_h, m, l,
         qk_scale, Hkv, T, n_sink, R, C_h, cos.shape[0], 0 if hi is None else hi.idx.shape[2],
-        GROUP=group, GP=gp if chunk else max(16, gp * slots), BM=bm, D=D,
+        GROUP=group, GP=gp if chunk else max(16, gp * (nblk if k_fields else 1)), BM=bm, D=D,
         SINK_P=0 if n_sink == 0 else max(16, triton.next_power_of_2(n_sink)),
-        BLOCK_N=block_n, BLOCK_W=block_w, SPLITS=splits, NBLK=max(1, block_n // spec.block),
+        BLOCK_N=block_n, BLOCK_W=block_w, SPLITS=splits, NBLK=nblk,
         K_BITS=spec.k_bits, V_BITS=spec.v_bits, K_PER_CHANNEL=spec.k_per_channel, G=spec.block,
         K_GROUP=spec.k_group, K_NG=max(1, D // 2 // spec.k_group), V_GROUP=spec.v_group, V_NG=D // spec.v_group,
         ROPE=rope is not None, KMAT=0 if key_matrix is None else 1 if key_matrix.dim() == 3 else 2,
         SPLIT_V=split_v, DIRECT=direct, CHUNK=chunk,
         RING_SPLIT=ring_split, K_FIELDS=k_fields,
         HI_BITS=spec.hi_bits, HI_ROWS=spec.hi_rows,
-        HP=max(16, triton.next_power_of_2(max(1, block_n // spec.block) * spec.hi_rows)),
+        HP=max(16, triton.next_power_of_2(nblk * spec.hi_rows)),
         HI_P=triton.next_power_of_2(max(1, spec.hi_rows)),
         PREC=prec, HALF=q.dtype != torch.float32, num_warps=num_warps,
         **({} if num_stages is None else dict(num_stages=num_stages)),

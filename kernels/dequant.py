@@ -66,22 +66,34 @@ _PTX2_PAIRS = tl.constexpr(_pairs_ptx(2))
 _PTX4_PAIRS = tl.constexpr(_pairs_ptx(4))
 
 
+def _operands(bits: int, pack: int) -> str:
+    """Inline-asm constraints of _ptx_field: 8/bits float16 outputs of `pack` elements (pack/2 registers
+    each), from `pack` bytes (a 32-bit register for four, a 16-bit one for two)."""
+    return ",".join(["=r"] * (8 // bits * pack // 2) + ["r" if pack == 4 else "h"])
+
+
+_OUT1, _OUT2, _OUT4 = (tl.constexpr(_operands(b, 4)) for b in (1, 2, 4))
+_OUT2_PAIRS, _OUT4_PAIRS = (tl.constexpr(_operands(b, 2)) for b in (2, 4))
+
+
 @triton.jit
-def _ptx_field(byt, BITS: tl.constexpr, K: tl.constexpr):
-    """1024.0 + code K of each byte of the uint8 tensor byt, float16. The calls for the other fields of
-    the same bytes share one PTX block: pure inline assembly with equal operands is computed once."""
+def _ptx_field(byt, BITS: tl.constexpr, K: tl.constexpr, PAIRS: tl.constexpr = False):
+    """1024.0 + code K of each byte of the uint8 tensor byt, float16; with PAIRS (BITS 2 or 4) the bytes go
+    two at a time and the code comes as a float16 subnormal (subnormal_field). The calls for the other
+    fields of the same bytes share one PTX block: pure inline assembly with equal operands is computed once."""
+    PACK: tl.constexpr = 2 if PAIRS else 4
     if BITS == 4:
-        f0, f1 = tl.inline_asm_elementwise(_PTX4, "=r,=r,=r,=r,r", [byt], dtype=(tl.float16, tl.float16),
-                                           is_pure=True, pack=4)
+        f0, f1 = tl.inline_asm_elementwise(_PTX4_PAIRS if PAIRS else _PTX4, _OUT4_PAIRS if PAIRS else _OUT4, [byt],
+                                           dtype=(tl.float16, tl.float16), is_pure=True, pack=PACK)
         out = f0 if K == 0 else f1
     elif BITS == 2:
-        f0, f1, f2, f3 = tl.inline_asm_elementwise(_PTX2, "=r,=r,=r,=r,=r,=r,=r,=r,r", [byt],
-                                                   dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
-                                                   is_pure=True, pack=4)
+        f0, f1, f2, f3 = tl.inline_asm_elementwise(_PTX2_PAIRS if PAIRS else _PTX2, _OUT2_PAIRS if PAIRS else _OUT2,
+                                                   [byt], dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
+                                                   is_pure=True, pack=PACK)
         out = f0 if K == 0 else f1 if K == 1 else f2 if K == 2 else f3
     else:
         f0, f1, f2, f3, f4, f5, f6, f7 = tl.inline_asm_elementwise(
-            _PTX1, "=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,r", [byt],
+            _PTX1, _OUT1, [byt],
             dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16),
             is_pure=True, pack=4)
         out = (f0 if K == 0 else f1 if K == 1 else f2 if K == 2 else f3 if K == 3 else f4 if K == 4 else
@@ -98,15 +110,8 @@ def subnormal_field(byt, BITS: tl.constexpr, K: tl.constexpr, HALF: tl.constexpr
     as the tensor cores' first operand does (keys by fields), Triton's packing of four bytes for _fields_ptx
     took seven byte permutes (ptxas for sm_90). k4v2's decode kernel at B=8, S=32K on an H100: 0.193 ->
     0.180 ms for the pairs, 0.178 with the subnormals."""
-    if HALF and PTX and BITS == 4:
-        f0, f1 = tl.inline_asm_elementwise(_PTX4_PAIRS, "=r,=r,h", [byt], dtype=(tl.float16, tl.float16),
-                                           is_pure=True, pack=2)
-        out = f0 if K == 0 else f1
-    elif HALF and PTX:
-        f0, f1, f2, f3 = tl.inline_asm_elementwise(_PTX2_PAIRS, "=r,=r,=r,=r,h", [byt],
-                                                   dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
-                                                   is_pure=True, pack=2)
-        out = f0 if K == 0 else f1 if K == 1 else f2 if K == 2 else f3
+    if HALF and PTX:
+        out = _ptx_field(byt, BITS, K, True)
     elif HALF:
         out = ((byt.to(tl.int16) >> (BITS * K)) & ((1 << BITS) - 1)).to(tl.float16, bitcast=True)
     else:

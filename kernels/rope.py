@@ -11,38 +11,40 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from kernels.dequant import rope_rows
+
 
 @triton.jit
-def _rotate(src, dst, c_lo, c_hi, s_lo, s_hi, H, sh, dh, HP: tl.constexpr, D: tl.constexpr):
-    """Heads h < H of one (sequence, token): head h read at src + h * sh, written at dst + h * dh."""
-    h = tl.arange(0, HP)[:, None]
-    d = tl.arange(0, D // 2)[None, :]
+def _rotate(src, dst, cos_row, sin_row, H, sh, dh, HP: tl.constexpr, D: tl.constexpr):
+    """Heads h < H of one (sequence, token): head h read at src + h * sh, turned by the table rows at cos_row
+    and sin_row (dequant.rope_rows), written at dst + h * dh."""
+    h = tl.arange(0, HP)
     ok = h < H
-    lo = tl.load(src + h * sh + d, mask=ok, other=0.0)
-    hi = tl.load(src + h * sh + D // 2 + d, mask=ok, other=0.0)
-    tl.store(dst + h * dh + d, lo * c_lo - hi * s_lo, mask=ok)
-    tl.store(dst + h * dh + D // 2 + d, hi * c_hi + lo * s_hi, mask=ok)
+    lo_at = h[:, None] * sh + tl.arange(0, D // 2)[None, :]
+    lo, hi = rope_rows(tl.load(src + lo_at, mask=ok[:, None], other=0.0),
+                       tl.load(src + lo_at + D // 2, mask=ok[:, None], other=0.0), cos_row, sin_row, h * 0, ok, D)
+    out_at = h[:, None] * dh + tl.arange(0, D // 2)[None, :]
+    tl.store(dst + out_at, lo, mask=ok[:, None])
+    tl.store(dst + out_at + D // 2, hi, mask=ok[:, None])
 
 
 @triton.jit
 def _rope_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, T, HQ, HK, q_sb, q_sh, q_st, k_sb, k_sh, k_st,
                  c_sb, c_st, HQP: tl.constexpr, HKP: tl.constexpr, D: tl.constexpr):
-    """Program (sequence, token): every query and key head of it, with one read of its cos and sin rows."""
+    """Program (sequence, token): every query and key head of it."""
     b = tl.program_id(0) // T
     t = tl.program_id(0) % T
-    d = tl.arange(0, D // 2)[None, :]
     row = b * c_sb + t * c_st
-    c_lo, c_hi = tl.load(cos_ptr + row + d), tl.load(cos_ptr + row + D // 2 + d)
-    s_lo, s_hi = tl.load(sin_ptr + row + d), tl.load(sin_ptr + row + D // 2 + d)
-    _rotate(q_ptr + b * q_sb + t * q_st, qo_ptr + (b * HQ * T + t) * D, c_lo, c_hi, s_lo, s_hi, HQ, q_sh, T * D,
+    _rotate(q_ptr + b * q_sb + t * q_st, qo_ptr + (b * HQ * T + t) * D, cos_ptr + row, sin_ptr + row, HQ, q_sh, T * D,
             HQP, D)
-    _rotate(k_ptr + b * k_sb + t * k_st, ko_ptr + (b * HK * T + t) * D, c_lo, c_hi, s_lo, s_hi, HK, k_sh, T * D,
+    _rotate(k_ptr + b * k_sb + t * k_st, ko_ptr + (b * HK * T + t) * D, cos_ptr + row, sin_ptr + row, HK, k_sh, T * D,
             HKP, D)
 
 
 def rope_qk(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
     """apply_rope(q, cos, sin), apply_rope(k, cos, sin) for q (B, Hq, T, D), k (B, Hk, T, D) with unit stride
-    along D, and cos, sin (B, 1, T, D) of their dtype; the results are contiguous."""
+    along D, and cos, sin (B, 1, T, D) of their dtype, rotate-half tables whose two halves are equal
+    (minikv.model.rope_tables); the results are contiguous."""
     B, HQ, T, D = q.shape
     HK = k.shape[1]
     if q.stride(-1) != 1 or k.stride(-1) != 1 or cos.stride(-1) != 1 or sin.stride() != cos.stride():

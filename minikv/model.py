@@ -16,6 +16,12 @@ from minikv.config import ModelConfig
 from minikv.store import KVStore
 
 
+def one_launch(x: Tensor) -> bool:
+    """Whether the small steps below run as one Triton launch each (kernels.rms_norm, kernels.rope): on CUDA,
+    where the PyTorch forms cost a launch per operation, except inside torch.compile, which fuses them."""
+    return x.is_cuda and not torch.compiler.is_compiling()
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -23,8 +29,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.is_cuda and not torch.compiler.is_compiling():  # compiled code fuses this form itself
-            from kernels.rms_norm import rms_norm  # one launch where this form takes eight
+        if one_launch(x):
+            from kernels.rms_norm import rms_norm  # eight kernels in the form below
 
             return rms_norm(x, self.weight, self.eps)
         # Normalise in fp32 as transformers does, then cast back before the weight.
@@ -83,8 +89,8 @@ class Attention(nn.Module):
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        if q.is_cuda and not torch.compiler.is_compiling():  # compiled code fuses the PyTorch form itself
-            from kernels.rope import rope_qk  # one launch where the PyTorch form takes ten
+        if one_launch(q):
+            from kernels.rope import rope_qk  # about ten kernels in apply_rope
 
             q, k = rope_qk(q, k, cos, sin)
         else:
