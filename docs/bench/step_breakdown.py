@@ -32,7 +32,8 @@ dev = torch.device("cuda")
 cfg = geometry(opts.geometry)
 model = random_model(cfg, dev, torch.float16)
 B, P, N = opts.batch, opts.ctx_fill or 1024, 64
-prompt = torch.randint(0, cfg.vocab_size, (B, P), generator=torch.Generator().manual_seed(0)).to(dev)
+prompt = torch.randint(0, cfg.vocab_size, (B, 1 if opts.ctx_fill else P), generator=torch.Generator().manual_seed(0))
+prompt = prompt.to(dev)
 out = {"command": "python3 docs/bench/step_breakdown.py " + " ".join(
     [f"--geometry {opts.geometry} --batch {B}"] + ([f"--ctx-fill {opts.ctx_fill}"] if opts.ctx_fill else [])
     + opts.presets), "gpu": torch.cuda.get_device_name(0)}
@@ -44,7 +45,7 @@ for name in opts.presets:
     with torch.inference_mode():
         if opts.ctx_fill:
             fill_store(store, P)
-            logits = engine.forward(prompt[:, -1:])
+            logits = engine.forward(prompt)
         else:
             for st in range(0, P, 512):
                 logits = engine.forward(prompt[:, st:st + 512])
